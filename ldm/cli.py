@@ -1,0 +1,106 @@
+"""The ``ldm`` command line. Each sub-command parses its arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Sequence
+
+from ldm import __version__
+from ldm.sampling import TIMESTEP_SPACINGS, make_timesteps
+from ldm.schedule import BETA_SCHEDULES, NoiseSchedule
+
+
+def _schedule(args: argparse.Namespace) -> None:
+    schedule = NoiseSchedule(
+        args.beta_schedule,
+        args.num_train_timesteps,
+        args.beta_start,
+        args.beta_end,
+        rescale_betas_zero_snr=args.zero_snr,
+        prediction_type="v_prediction" if args.zero_snr else "epsilon",
+    )
+    timesteps = make_timesteps(
+        args.steps,
+        schedule.num_train_timesteps,
+        timestep_spacing=args.spacing,
+        steps_offset=args.steps_offset,
+    )
+    print(f"# {schedule}")
+    print(
+        f"# {args.steps} steps, timestep_spacing={args.spacing!r}, steps_offset={args.steps_offset}"
+    )
+    print(f"{'step':>5} {'t':>5} {'alpha_bar':>12} {'sqrt(1-a)':>10} {'SNR':>12} {'log SNR':>8}")
+    for i, t in enumerate(timesteps.tolist()):
+        a = schedule.alphas_cumprod64[t].item()
+        snr = a / (1 - a)
+        log_snr = math.log(snr) if snr > 0 else -math.inf
+        print(f"{i:>5} {t:>5} {a:>12.6g} {(1 - a) ** 0.5:>10.6f} {snr:>12.6g} {log_snr:>8.3f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm",
+        description="Conditional text-to-image latent diffusion: sampling, training, conversion.",
+    )
+    parser.add_argument("--version", action="version", version=f"ldm {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    schedule = commands.add_parser(
+        "schedule",
+        help="print the timesteps a sampler visits, with alpha_bar and SNR",
+        description="Print the timesteps a DDIM/DDPM sampler visits for a noise schedule, "
+        "with alpha_bar, the noise level sqrt(1 - alpha_bar) and the signal-to-noise ratio.",
+    )
+    schedule.add_argument("--steps", type=int, default=10, help="sampling steps (default: 10)")
+    schedule.add_argument(
+        "--spacing",
+        choices=TIMESTEP_SPACINGS,
+        default="leading",
+        help="timestep spacing (default: leading)",
+    )
+    schedule.add_argument(
+        "--steps-offset", type=int, default=1, help="offset for leading spacing (default: 1)"
+    )
+    schedule.add_argument(
+        "--beta-schedule",
+        choices=BETA_SCHEDULES,
+        default="scaled_linear",
+        help="(default: scaled_linear)",
+    )
+    schedule.add_argument("--beta-start", type=float, default=0.00085, help="(default: 0.00085)")
+    schedule.add_argument("--beta-end", type=float, default=0.012, help="(default: 0.012)")
+    schedule.add_argument("--num-train-timesteps", type=int, default=1000, help="T (default: 1000)")
+    schedule.add_argument(
+        "--zero-snr",
+        action="store_true",
+        help="rescale betas to zero terminal SNR (Lin et al. 2024)",
+    )
+    schedule.set_defaults(func=_schedule)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"ldm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    """Console entry point: exit with main()'s status."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,376 @@
+"""Samplers for the reverse process, written as plain loops over a model callable.
+
+A model callable ``model_fn(x_t, t)`` takes noisy samples x_t (B, ...) and integer
+timesteps t (B,) int64 in [0, T), and returns the schedule's prediction type (eps or v) in
+the shape of x_t. Classifier-free guidance turns a text-conditioned network into such a
+callable: ``guided_eps_fn`` is the only place it is written.
+
+Every coefficient is computed in float64 before the loop, from the schedule's float64
+alpha_bar, and moved to the sample's device and dtype once. The loops never read a tensor
+back to the host, so a GPU runs them without synchronising.
+
+Equations are cited from Ho et al. 2020 (DDPM) and Song et al. 2021 (DDIM); the notation
+map is in docs/sampling.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ldm.schedule import NoiseSchedule, split_prediction
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+ConditionalModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+VarianceType = Literal["fixed_small", "fixed_large"]
+
+TIMESTEP_SPACINGS: tuple[str, ...] = get_args(TimestepSpacing)
+VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
+
+
+# ----------------------------------------------------------------------------- timesteps
+
+
+def make_timesteps(
+    num_steps: int,
+    num_train_timesteps: int,
+    *,
+    timestep_spacing: TimestepSpacing = "leading",
+    steps_offset: int = 1,
+) -> Tensor:
+    """The descending timesteps a sampler visits, shape (num_steps,), int64 in [0, T).
+
+    With N = num_steps and T = num_train_timesteps, as diffusers' schedulers compute them:
+
+    - ``leading``: t_i = i * (T // N) + steps_offset for i = N-1 ... 0 (Stable Diffusion).
+    - ``trailing``: t_i = round(T - i * T / N) - 1 for i = 0 ... N-1; starts at T-1
+      (Lin et al. 2024, table 2). Computed in exact integers with halves rounded up, where
+      diffusers' floating-point ``np.arange`` breaks such ties either way (so it differs by 1
+      at a few timesteps) and for 62 values of N <= 1000 (61, 103, ...) returns N + 1.
+    - ``linspace``: N values evenly spaced over [0, T-1], rounded.
+
+    ``steps_offset`` applies to ``leading`` only, as in diffusers. Values are clamped to T-1,
+    so ``leading`` with an offset and N = T visits 999 twice rather than indexing past the end.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise ValueError(f"num_steps must be an integer, got {num_steps!r}")
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_steps must be between 1 and num_train_timesteps={num_train_timesteps}, "
+            f"got {num_steps}"
+        )
+    T, N = num_train_timesteps, int(num_steps)
+    if timestep_spacing == "leading":
+        timesteps = np.arange(N - 1, -1, -1, dtype=np.int64) * (T // N) + steps_offset
+    elif timestep_spacing == "trailing":
+        # round(T (N - i) / N) - 1 in exact integers, halves rounded up
+        timesteps = (2 * T * np.arange(N, 0, -1, dtype=np.int64) + N) // (2 * N) - 1
+    elif timestep_spacing == "linspace":
+        timesteps = np.linspace(0, T - 1, N).round()[::-1].astype(np.int64)
+    else:
+        raise ValueError(
+            f"unknown timestep_spacing {timestep_spacing!r}; allowed: {', '.join(TIMESTEP_SPACINGS)}"
+        )
+    return torch.from_numpy(np.clip(timesteps, 0, T - 1).copy())
+
+
+def _alpha_bars(
+    schedule: NoiseSchedule, timesteps: Tensor, final_alpha_bar: float
+) -> tuple[Tensor, Tensor]:
+    """alpha_bar at each visited timestep and at the one each step goes to, float64 (N,).
+
+    Step i goes from timesteps[i] to timesteps[i + 1]; the last step goes to a virtual
+    timestep -1 whose alpha_bar is ``final_alpha_bar``.
+    """
+    alpha_bar = schedule.alphas_cumprod64[timesteps]  # (N,)
+    final = torch.tensor([final_alpha_bar], dtype=torch.float64)
+    alpha_bar_prev = torch.cat([alpha_bar[1:], final])  # (N,)
+    return alpha_bar, alpha_bar_prev
+
+
+def _check_start_step(start_step: int, num_steps: int) -> None:
+    if not 0 <= start_step <= num_steps:
+        raise ValueError(
+            f"start_step must be between 0 and num_steps={num_steps}, got {start_step}"
+        )
+
+
+def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like x, drawn on the generator's device (as diffusers'
+    ``randn_tensor`` does, so that a CPU generator gives the same draws for any device)."""
+    device = generator.device if generator is not None else x.device
+    noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+    return noise.to(x.device)
+
+
+def _steps(start_step: int, num_steps: int, progress: bool, desc: str):
+    return tqdm(range(start_step, num_steps), desc=desc, disable=not progress, leave=False)
+
+
+def _on(values: Tensor, x: Tensor) -> Tensor:
+    """float64 coefficients, cast once to the sample's dtype and device."""
+    return values.to(device=x.device, dtype=x.dtype)
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def sample_ddim(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    num_steps: int,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    timestep_spacing: TimestepSpacing = "leading",
+    steps_offset: int = 1,
+    set_alpha_to_one: bool = False,
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    start_step: int = 0,
+) -> Tensor:
+    """DDIM sampling (Song et al. 2021, eq. 12), from x_T (B, ...) to a sample (B, ...).
+
+    Each step goes from t_i to the next listed timestep t_{i+1}; the last goes to alpha_bar
+    = 1 if ``set_alpha_to_one`` else alpha_bar_0. ``eta`` = 0 is deterministic DDIM,
+    ``eta`` = 1 is ancestral DDPM-like sampling with sigma from DDIM eq. (16).
+    ``clip_sample`` clamps x0_pred to [-clip_sample_range, clip_sample_range] (off for
+    latents). ``start_step`` skips the first steps (image-to-image, see ``img2img_start``).
+    """
+    if not 0 <= eta < float("inf"):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    timesteps = make_timesteps(
+        num_steps,
+        schedule.num_train_timesteps,
+        timestep_spacing=timestep_spacing,
+        steps_offset=steps_offset,
+    )
+    _check_start_step(start_step, num_steps)
+    final = 1.0 if set_alpha_to_one else float(schedule.alphas_cumprod64[0])
+    a_t, a_prev = _alpha_bars(schedule, timesteps, final)  # (N,) float64
+    # DDIM eq. (16): sigma_t(eta)^2 = eta^2 (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    dir_coef = (1 - a_prev - sigma**2).clamp(min=0).sqrt()  # "direction pointing to x_t"
+    sqrt_a, sqrt_1m_a, sqrt_a_prev = a_t.sqrt(), (1 - a_t).sqrt(), a_prev.sqrt()
+    sqrt_a, sqrt_1m_a, sqrt_a_prev, dir_coef, sigma = (
+        _on(c, x_T) for c in (sqrt_a, sqrt_1m_a, sqrt_a_prev, dir_coef, sigma)
+    )
+    t_all = timesteps.to(x_T.device)
+    x = x_T
+    for i in _steps(start_step, num_steps, progress, "DDIM"):
+        t = t_all[i].expand(x.shape[0])  # (B,)
+        x0, eps = split_prediction(
+            model_fn(x, t), x, sqrt_a[i], sqrt_1m_a[i], schedule.prediction_type
+        )
+        if clip_sample:
+            x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+        x = sqrt_a_prev[i] * x0 + dir_coef[i] * eps  # DDIM eq. (12)
+        if eta > 0:
+            x = x + sigma[i] * _randn(x, generator)
+    return x
+
+
+def sample_ddpm(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    *,
+    num_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    variance_type: VarianceType = "fixed_small",
+    timestep_spacing: TimestepSpacing = "leading",
+    steps_offset: int = 1,
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    start_step: int = 0,
+) -> Tensor:
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2), from x_T (B, ...) to x_0 (B, ...).
+
+    By default every training timestep t = T-1 ... 0 is visited. With ``num_steps`` the
+    timesteps of ``make_timesteps`` are visited instead, each step drawing from the
+    posterior q(x_{t_prev} | x_t, x0_pred) between consecutive listed timesteps; the last
+    step goes to alpha_bar = 1 and adds no noise. The noise variance is the posterior's
+    beta-tilde (``fixed_small``, DDPM eq. 7) or beta (``fixed_large``).
+    """
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(
+            f"unknown variance_type {variance_type!r}; allowed: {', '.join(VARIANCE_TYPES)}"
+        )
+    T = schedule.num_train_timesteps
+    if num_steps is None:
+        num_steps = T
+        timesteps = torch.arange(T - 1, -1, -1, dtype=torch.int64)
+    else:
+        timesteps = make_timesteps(
+            num_steps, T, timestep_spacing=timestep_spacing, steps_offset=steps_offset
+        )
+    _check_start_step(start_step, num_steps)
+    a_t, a_prev = _alpha_bars(schedule, timesteps, 1.0)  # (N,) float64
+    alpha = a_t / a_prev  # alpha_t of the (possibly strided) step
+    beta = 1 - alpha
+    # DDPM eq. (7): posterior mean = coef_x0 * x0 + coef_xt * x_t, variance beta-tilde
+    coef_x0 = a_prev.sqrt() * beta / (1 - a_t)
+    coef_xt = alpha.sqrt() * (1 - a_prev) / (1 - a_t)
+    variance = (1 - a_prev) / (1 - a_t) * beta if variance_type == "fixed_small" else beta
+    adds_noise = ((a_prev < 1.0) & (variance > 0)).tolist()  # host-side, before the loop
+    sqrt_a, sqrt_1m_a, coef_x0, coef_xt, std = (
+        _on(c, x_T) for c in (a_t.sqrt(), (1 - a_t).sqrt(), coef_x0, coef_xt, variance.sqrt())
+    )
+    t_all = timesteps.to(x_T.device)
+    x = x_T
+    for i in _steps(start_step, num_steps, progress, "DDPM"):
+        t = t_all[i].expand(x.shape[0])  # (B,)
+        x0, _ = split_prediction(
+            model_fn(x, t), x, sqrt_a[i], sqrt_1m_a[i], schedule.prediction_type
+        )
+        if clip_sample:
+            x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+        x = coef_x0[i] * x0 + coef_xt[i] * x  # posterior mean, DDPM eq. (7)
+        if adds_noise[i]:
+            x = x + std[i] * _randn(x, generator)  # Algorithm 2, line 4
+    return x
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+def guided_eps_fn(
+    model_fn: ConditionalModelFn,
+    context: Tensor,
+    uncond_context: Tensor | None,
+    guidance_scale: float,
+) -> ModelFn:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6) as a model callable.
+
+    ``model_fn(x_t, t, context)`` is a conditional network; ``context`` (B, L, D) is the
+    prompt encoding and ``uncond_context`` (B or 1, L, D) the encoding of the empty or
+    negative prompt. The returned ``fn(x_t, t)`` computes
+    out_u + guidance_scale * (out_c - out_u) with one batched call on [uncond, cond].
+    At guidance_scale == 1 that equals out_c, so it makes one unbatched conditional call.
+    Guidance is linear, so it is the same whether the network predicts eps or v.
+    """
+    if guidance_scale == 1:
+        return lambda x_t, t: model_fn(x_t, t, context)
+    if uncond_context is None:
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs uncond_context (the encoding of the empty "
+            "or negative prompt); pass it, or use guidance_scale=1 for no guidance"
+        )
+    uncond = uncond_context.expand_as(context) if uncond_context.shape[0] == 1 else uncond_context
+    if uncond.shape != context.shape:
+        raise ValueError(
+            f"uncond_context shape {tuple(uncond_context.shape)} does not match context shape "
+            f"{tuple(context.shape)} (its batch may be 1 or the same as context's)"
+        )
+    both_contexts = torch.cat([uncond, context])  # (2B, L, D)
+
+    def fn(x_t: Tensor, t: Tensor) -> Tensor:
+        out = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), both_contexts)  # (2B, ...)
+        out_uncond, out_cond = out.chunk(2)
+        return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- img2img, inversion
+
+
+def img2img_start(
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    noise: Tensor,
+    num_steps: int,
+    strength: float,
+    *,
+    timestep_spacing: TimestepSpacing = "leading",
+    steps_offset: int = 1,
+) -> tuple[Tensor, int]:
+    """Where image-to-image sampling starts: returns (x_start, start_step).
+
+    With N = num_steps, strength s in [0, 1] runs the last round(s * N) of the N scheduled
+    steps (halves round up). x_start is x0 noised to the first of them by q(x_t | x0);
+    s = 1 starts from pure noise (x_start = noise), s = 0 runs no step (x_start = x0).
+    Pass both values on to ``sample_ddim``/``sample_ddpm`` with the same spacing.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    timesteps = make_timesteps(
+        num_steps,
+        schedule.num_train_timesteps,
+        timestep_spacing=timestep_spacing,
+        steps_offset=steps_offset,
+    )
+    steps_run = int(strength * num_steps + 0.5)
+    start_step = num_steps - steps_run
+    if steps_run == num_steps:
+        return noise, start_step
+    if steps_run == 0:
+        return x0, start_step
+    t = timesteps[start_step].to(x0.device).expand(x0.shape[0])  # (B,)
+    return schedule.add_noise(x0, noise, t), start_step
+
+
+def invert_ddim(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    num_steps: int,
+    *,
+    progress: bool = False,
+    timestep_spacing: TimestepSpacing = "leading",
+    steps_offset: int = 1,
+    set_alpha_to_one: bool = False,
+    fixed_point_iters: int = 0,
+) -> Tensor:
+    """Deterministic DDIM inversion: run eq. (12) with eta = 0 backwards, x0 -> x_T.
+
+    It visits the timesteps of ``sample_ddim`` in reverse, so that ``sample_ddim`` with the
+    same settings and eta = 0 maps the result back to about x0. Going up from the level of
+    t_{i+1} to that of t_i it uses eps_pred = model_fn(x, t_i), the noise the sampler will
+    predict at t_i, evaluated at the lower-noise x it has: DDIM's ODE form, eq. (13), run
+    forwards (Song et al. 2021, section 4.3). The error shrinks as steps get smaller.
+
+    ``fixed_point_iters`` = k > 0 re-evaluates eps_pred at the estimate of x_{t_i} k more
+    times per step, which converges to the exact inverse of the sampling step (Pan et al.
+    2023, "AIDI") at (k + 1) model calls per step.
+    """
+    if fixed_point_iters < 0:
+        raise ValueError(f"fixed_point_iters must be >= 0, got {fixed_point_iters}")
+    timesteps = make_timesteps(
+        num_steps,
+        schedule.num_train_timesteps,
+        timestep_spacing=timestep_spacing,
+        steps_offset=steps_offset,
+    )
+    final = 1.0 if set_alpha_to_one else float(schedule.alphas_cumprod64[0])
+    a_t, a_prev = _alpha_bars(schedule, timesteps, final)  # (N,) float64; step i: a_prev -> a_t
+    # x_{t} = sqrt(a_t) x0_pred + sqrt(1 - a_t) eps, x0_pred = (x - sqrt(1 - a_prev) eps) / sqrt(a_prev)
+    ratio = (a_t / a_prev).sqrt()
+    coef_x, coef_eps = ratio, (1 - a_t).sqrt() - ratio * (1 - a_prev).sqrt()
+    sqrt_a, sqrt_1m_a, coef_x, coef_eps = (
+        _on(c, x0) for c in (a_t.sqrt(), (1 - a_t).sqrt(), coef_x, coef_eps)
+    )
+    t_all = timesteps.to(x0.device)
+    x = x0
+    for i in tqdm(
+        range(num_steps - 1, -1, -1), desc="DDIM inversion", disable=not progress, leave=False
+    ):
+        t = t_all[i].expand(x.shape[0])  # (B,)
+        x_next = x
+        for _ in range(1 + fixed_point_iters):
+            pred = model_fn(x_next, t)
+            _, eps = split_prediction(
+                pred, x_next, sqrt_a[i], sqrt_1m_a[i], schedule.prediction_type
+            )
+            x_next = coef_x[i] * x + coef_eps[i] * eps
+        x = x_next
+    return x

@@ -1,0 +1,131 @@
+"""Checks on the project itself: layering, README and CI, docs, lint."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "ldm"
+
+# Which ldm modules each module may import: imports go downward only (../shared/STYLE.md).
+ALLOWED_IMPORTS = {
+    "__init__": set(),
+    "schedule": set(),
+    "sampling": {"schedule"},
+    "analytic": {"schedule", "sampling"},
+    "cli": {"__init__", "schedule", "sampling"},
+}
+# Third-party packages a module may import, beyond torch, numpy and the standard library.
+EXTRA_PACKAGES = {"sampling": {"tqdm"}}
+ALWAYS = {"torch", "numpy"}
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(
+                f"{node.module}.{alias.name}" for alias in node.names if node.module == "ldm"
+            )
+    return names
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in PACKAGE.glob("*.py")))
+def test_imports_go_downward_only(module):
+    assert module in ALLOWED_IMPORTS, (
+        f"ldm/{module}.py is new: add its allowed imports to ALLOWED_IMPORTS"
+    )
+    imported = imports_of(PACKAGE / f"{module}.py")
+    internal = {
+        name.split(".")[1] if name.count(".") else "__init__"
+        for name in imported
+        if name.split(".")[0] == "ldm"
+    }
+    internal = {
+        name for name in internal if (PACKAGE / f"{name}.py").exists() or name == "__init__"
+    }
+    assert internal <= ALLOWED_IMPORTS[module], (
+        f"ldm/{module}.py imports {internal - ALLOWED_IMPORTS[module]}"
+    )
+    external = {name.split(".")[0] for name in imported} - {"ldm"} - set(sys.stdlib_module_names)
+    allowed = ALWAYS | EXTRA_PACKAGES.get(module, set())
+    assert external <= allowed, f"ldm/{module}.py imports {external - allowed}"
+
+
+def test_import_ldm_loads_no_heavy_dependency():
+    code = "import sys, ldm, ldm.cli, ldm.sampling, ldm.analytic; print(sorted(sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    for heavy in ("accelerate", "diffusers", "transformers", "open_clip", "datasets"):
+        assert f"'{heavy}'" not in loaded, heavy
+
+
+def test_modules_read_in_one_sitting():
+    for path in PACKAGE.glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 600, path
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [blocks[0].strip(), blocks[1].strip()]
+
+
+def test_readme_opens_with_the_two_commands_that_ci_runs():
+    install, test = readme_commands()
+    assert install.startswith('pip install -e ".[dev]"') and test == "python -m pytest -q"
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert install in ci, "README's install command must appear verbatim in .ci/run"
+    assert any(line.startswith(test) for line in ci), "README's test command must appear in .ci/run"
+    assert "5" in (ROOT / ".ci" / "run").read_text(), (
+        ".ci/run must treat pytest's exit code 5 as failure"
+    )
+    assert (ROOT / ".ci" / "run").stat().st_mode & 0o111, ".ci/run must be executable"
+
+
+def test_docs_build_strict(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (tmp_path / "site" / "sampling" / "index.html").exists()
+
+
+def python_snippets():
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for i, block in enumerate(re.findall(r"```python\n(.*?)```", path.read_text(), re.S)):
+            yield pytest.param(block, id=f"{path.name}-{i}")
+
+
+@pytest.mark.parametrize("code", list(python_snippets()))
+def test_python_snippets_in_the_docs_run(code):
+    exec(compile(code, "<snippet>", "exec"), {})
+
+
+def test_docs_cite_every_equation_the_code_cites():
+    docs = (ROOT / "docs" / "sampling.md").read_text()
+    for module in ("schedule", "sampling"):
+        for eq in set(
+            re.findall(r"(DDPM|DDIM) eqs?\. \((\d+)\)", (PACKAGE / f"{module}.py").read_text())
+        ):
+            assert re.search(rf"{eq[0]} eqs?\. .*?\({eq[1]}\)", docs), (
+                f"docs/sampling.md lacks {eq[0]} eq. ({eq[1]})"
+            )
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
+def test_ruff(command):
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", *command, "."], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
