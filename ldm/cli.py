@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ldm import __version__
+from ldm.config import UNET_PRESETS
 from ldm.sampling import TIMESTEP_SPACINGS, make_timesteps
 from ldm.schedule import BETA_SCHEDULES, NoiseSchedule
 
@@ -38,6 +39,12 @@ def _schedule(args: argparse.Namespace) -> None:
         snr = a / (1 - a)
         log_snr = math.log(snr) if snr > 0 else -math.inf
         print(f"{i:>5} {t:>5} {a:>12.6g} {(1 - a) ** 0.5:>10.6f} {snr:>12.6g} {log_snr:>8.3f}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from ldm.convert import convert
+
+    print(convert(args.source, args.target, config=args.config, unsafe_pickle=args.unsafe_pickle))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="rescale betas to zero terminal SNR (Lin et al. 2024)",
     )
     schedule.set_defaults(func=_schedule)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert weights: SD single file <-> diffusers U-Net folder, .ckpt -> .safetensors",
+        description="Convert weights between formats, chosen from the paths. "
+        "SOURCE.ckpt TARGET.safetensors: the same tensors without pickle. "
+        "SOURCE.safetensors|.ckpt (an original Stable Diffusion checkpoint) TARGET_DIR: its U-Net as "
+        "a diffusers folder (config.json + diffusion_pytorch_model.safetensors). "
+        "SOURCE_DIR (a diffusers U-Net folder) TARGET.safetensors: an SD single file. "
+        "Existing files are never overwritten.",
+    )
+    convert.add_argument("source", help="a .safetensors/.ckpt file or a diffusers U-Net folder")
+    convert.add_argument("target", help="a new .safetensors file or a new (or empty) folder")
+    convert.add_argument(
+        "--config",
+        choices=UNET_PRESETS,
+        help="U-Net config of a single file (default: SD 1.x or 2.x, read from the weights)",
+    )
+    convert.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="unpickle arbitrary objects in a .ckpt (runs code from the file: only for files you trust)",
+    )
+    convert.set_defaults(func=_convert)
     return parser
 
 

@@ -1,0 +1,192 @@
+"""Benchmarks against the reference implementation: interleaved repeats, medians and spread.
+
+Each benchmark runs the candidates in turn within every repeat (ours, reference, ours, ...), so
+that slow drifts of the machine (heat, other processes) hit both alike. It reports the median
+of each candidate's times, their spread (min and max relative to the median) and the ratio
+of medians. This module imports diffusers; the library proper never imports it.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ldm.config import UNetConfig
+from ldm.layers import Conv2d
+from ldm.unet import UNet
+
+
+@dataclass
+class Timing:
+    name: str
+    median_s: float
+    min_s: float
+    max_s: float
+    times_s: list[float]
+
+    @property
+    def spread(self) -> str:
+        return f"-{1 - self.min_s / self.median_s:.1%}/+{self.max_s / self.median_s - 1:.1%}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    candidates: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 7,
+    warmup: int = 1,
+    device: torch.device,
+) -> dict[str, Timing]:
+    """Time each candidate ``repeats`` times, interleaved, after ``warmup`` untimed rounds."""
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: Timing(name, statistics.median(ts), min(ts), max(ts), ts)
+        for name, ts in times.items()
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.machine()
+
+
+def environment() -> dict[str, str]:
+    """Machine and versions, to print beside the figures."""
+    import diffusers
+
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cpu": _cpu_name(),
+        "threads": str(torch.get_num_threads()),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def twin_unets(config: UNetConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """diffusers' UNet2DConditionModel and ours with identical (random) weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    kwargs = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    reference = UNet2DConditionModel(**kwargs).eval()
+    ours = UNet(config).eval()
+    ours.load_weights(reference.state_dict())
+    if device.type == "cpu" and dtype == torch.float32:  # as built; .to() would warn for nothing
+        return ours, reference
+    return ours.to(device, dtype), reference.to(device, dtype)
+
+
+def benchmark_unet(
+    config: UNetConfig,
+    *,
+    batch: int = 2,
+    size: int = 32,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    compile: bool = False,
+    repeats: int = 7,
+) -> dict:
+    """One forward pass of our U-Net and diffusers' on identical weights and inputs."""
+    dev = torch.device(device)
+    ours, reference = twin_unets(config, dev, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, config.in_channels, size, size, generator=g).to(dev, dtype)
+    t = torch.full((batch,), 500, device=dev)
+    context_dim = config.per_level("cross_attention_dim")[0]
+    context = torch.randn(batch, 77, context_dim, generator=g).to(dev, dtype)
+    ours_fn, reference_fn = ours, reference
+    if compile:
+        ours_fn, reference_fn = torch.compile(ours), torch.compile(reference)
+    with torch.inference_mode():
+        max_abs_diff = (
+            (ours_fn(x, t, context) - reference_fn(x, t, context).sample).abs().max().item()
+        )
+        timings = interleaved(
+            {
+                "ours": lambda: ours_fn(x, t, context),
+                "diffusers": lambda: reference_fn(x, t, context).sample,
+            },
+            repeats=repeats,
+            warmup=2 if compile else 1,
+            device=dev,
+        )
+    return {
+        "benchmark": "unet",
+        "parameters": sum(p.numel() for p in ours.parameters()),
+        "batch": batch,
+        "latent_size": size,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile": compile,
+        "max_abs_diff": max_abs_diff,
+        "ratio": timings["ours"].median_s / timings["diffusers"].median_s,
+        "timings": {
+            name: asdict(timing) | {"spread": timing.spread} for name, timing in timings.items()
+        },
+    }
+
+
+def benchmark_conv(
+    shapes: list[tuple[int, int, int, int]], *, batch: int = 2, repeats: int = 9
+) -> list[dict]:
+    """GFLOP/s of torch's convolution and of ours (`ldm.layers.Conv2d`) on the CPU for
+    (C_in, C_out, size, stride) 3x3 convolutions."""
+    rows = []
+    with torch.inference_mode():
+        for c_in, c_out, size, stride in shapes:
+            ours = Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+            x = torch.randn(batch, c_in, size, size)
+            out_size = (size - 1) // stride + 1
+            flops = 2 * batch * c_in * c_out * 9 * out_size * out_size
+            timings = interleaved(
+                {
+                    "ours": lambda ours=ours, x=x: ours(x),
+                    "torch": lambda ours=ours, x=x, s=stride: F.conv2d(
+                        x, ours.weight, ours.bias, s, 1
+                    ),
+                },
+                repeats=repeats,
+                device=torch.device("cpu"),
+            )
+            rows.append(
+                {
+                    "c_in": c_in,
+                    "c_out": c_out,
+                    "size": size,
+                    "stride": stride,
+                    "gemm_path": c_in * c_out >= Conv2d.GEMM_MIN_WEIGHT
+                    and batch * out_size**2 <= Conv2d.GEMM_MAX_COLUMNS,
+                    "torch_gflops": flops / timings["torch"].median_s / 1e9,
+                    "ours_gflops": flops / timings["ours"].median_s / 1e9,
+                }
+            )
+    return rows

@@ -1,0 +1,86 @@
+"""Benchmarks of ldm against diffusers, quoted in docs/benchmarks.md.
+
+    python scripts/benchmark.py unet [--preset sd15] [--batch 2] [--size 32] [--repeats 7] [--json out.json]
+    python scripts/benchmark.py conv
+
+`unet` times one forward pass of our U-Net and of diffusers' UNet2DConditionModel with
+identical weights: on the CPU in fp32 at the given size, and, when CUDA is present, in fp16
+and bf16 at batch 2 and 64x64 latents, eager and under torch.compile. `conv` shows where our
+Conv2d's GEMM path beats torch's convolution on the CPU.
+"""
+
+import argparse
+import json
+
+import torch
+
+from ldm.benchmark import benchmark_conv, benchmark_unet, environment
+from ldm.config import UNET_PRESETS, UNetConfig
+
+CONV_SHAPES = [  # (C_in, C_out, size, stride): the SD 1.5 U-Net's 3x3 convolutions at 32x32 latents
+    (320, 320, 32, 1),
+    (640, 640, 16, 1),
+    (640, 1280, 8, 1),
+    (1280, 1280, 8, 1),
+    (1280, 1280, 8, 2),
+    (1280, 1280, 4, 1),
+    (2560, 1280, 4, 1),
+    (2560, 1280, 8, 1),
+    (1920, 1280, 8, 1),
+    (1920, 640, 16, 1),
+]
+
+
+def print_unet(result: dict) -> None:
+    mode = f"{result['device']} {result['dtype']} batch {result['batch']} {result['latent_size']}x{result['latent_size']}"
+    mode += " compiled" if result["compile"] else " eager"
+    for name, t in result["timings"].items():
+        print(f"| {mode} | {name} | {t['median_s']:.3f} | {t['spread']} |")
+    print(
+        f"| {mode} | ours / diffusers | {result['ratio']:.3f} | max abs diff {result['max_abs_diff']:.1e} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    unet = sub.add_parser("unet", help="our U-Net against diffusers' UNet2DConditionModel")
+    unet.add_argument("--preset", choices=UNET_PRESETS, default="sd15")
+    unet.add_argument("--batch", type=int, default=2)
+    unet.add_argument("--size", type=int, default=32, help="latent size on the CPU (default: 32)")
+    unet.add_argument("--repeats", type=int, default=7)
+    unet.add_argument("--json", help="also write the results to this JSON file")
+    sub.add_parser("conv", help="GFLOP/s of our Conv2d against torch's on the CPU")
+    args = parser.parse_args()
+
+    env = environment()
+    print("# " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    if args.what == "conv":
+        print("| C_in -> C_out | size | stride | GEMM path | torch GFLOP/s | ours GFLOP/s |")
+        print("|---|---:|---:|---|---:|---:|")
+        for r in benchmark_conv(CONV_SHAPES):
+            print(
+                f"| {r['c_in']} -> {r['c_out']} | {r['size']} | {r['stride']} | {r['gemm_path']} | {r['torch_gflops']:.0f} | {r['ours_gflops']:.0f} |"
+            )
+        return
+    config = UNetConfig.preset(args.preset)
+    runs = [dict(batch=args.batch, size=args.size)]
+    if torch.cuda.is_available():
+        runs += [
+            dict(batch=2, size=64, device="cuda", dtype=dtype, compile=compiled)
+            for dtype in (torch.float16, torch.bfloat16)
+            for compiled in (False, True)
+        ]
+    print("| run | model | median s | spread (min/max) |")
+    print("|---|---|---:|---|")
+    results = []
+    for run in runs:
+        results.append(benchmark_unet(config, repeats=args.repeats, **run))
+        print_unet(results[-1])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "preset": args.preset, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
