@@ -190,3 +190,54 @@ def benchmark_conv(
                 }
             )
     return rows
+
+
+def benchmark_pipeline(*, steps: int = 10, batch: int = 2, repeats: int = 9) -> dict:
+    """A whole text-to-image call of our pipeline and of diffusers' `StableDiffusionPipeline`
+    on the same tiny components (`ldm.testing`), prompts, negative prompts and initial latents:
+    DDIM, guidance 7.5, images returned as numpy arrays."""
+    import tempfile
+
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.testing import save_tiny_stable_diffusion
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_tiny_stable_diffusion(f"{tmp}/tiny", perturb=0.05)
+        ours = LatentDiffusionPipeline.from_pretrained(folder)
+        reference = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    reference.set_progress_bar_config(disable=True)
+    prompts = ["a large red circle in the center on a blue background"] * batch
+    latents = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    common = dict(
+        negative_prompt=["a green square"] * batch,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        output_type="np",
+    )
+
+    def run_ours():
+        return ours(prompts, latents=latents, progress=False, **common).images
+
+    def run_reference():
+        return reference(prompts, latents=latents, **common).images
+
+    max_abs_diff = float(np.abs(run_ours() - run_reference()).max())
+    timings = interleaved(
+        {"ours": run_ours, "diffusers": run_reference},
+        repeats=repeats,
+        warmup=2,
+        device=torch.device("cpu"),
+    )
+    return {
+        "benchmark": "pipeline",
+        "steps": steps,
+        "batch": batch,
+        "max_abs_diff": max_abs_diff,
+        "ratio": timings["ours"].median_s / timings["diffusers"].median_s,
+        "timings": {
+            name: asdict(timing) | {"spread": timing.spread} for name, timing in timings.items()
+        },
+    }

@@ -41,6 +41,59 @@ def _schedule(args: argparse.Namespace) -> None:
         print(f"{i:>5} {t:>5} {a:>12.6g} {(1 - a) ** 0.5:>10.6f} {snr:>12.6g} {log_snr:>8.3f}")
 
 
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from ldm.generate import GenerateRequest, generate_to_folder, read_prompts, resolve_model
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    settings = dict(
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        sampler=args.sampler,
+        eta=args.eta,
+        seed=args.seed,
+        n=args.n,
+        height=args.height,
+        width=args.width,
+        init_image=args.init_image,
+        strength=args.strength,
+    )
+    prompts = [args.prompt] if args.prompt else []
+    if args.from_file:
+        prompts += read_prompts(args.from_file)
+    if args.from_png:
+        request = GenerateRequest.from_png(args.from_png, **settings, prompts=prompts or None)
+    elif prompts:
+        request = GenerateRequest(prompts, **{k: v for k, v in settings.items() if v is not None})
+    else:
+        raise ValueError("give a prompt, --from-file PROMPTS.txt or --from-png IMAGE.png")
+    if args.strength is not None and request.init_image is None:
+        raise ValueError("--strength needs --init-image")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = (
+        getattr(torch, DTYPES[args.dtype])
+        if args.dtype
+        else (torch.float16 if device == "cuda" else torch.float32)
+    )
+    pipe = LatentDiffusionPipeline.from_pretrained(
+        resolve_model(args.model), device=device, dtype=dtype
+    )
+    for path in generate_to_folder(pipe, request, args.out, grid=args.grid):
+        print(path)
+
+
 def _convert(args: argparse.Namespace) -> None:
     from ldm.convert import convert
 
@@ -87,6 +140,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     schedule.set_defaults(func=_schedule)
 
+    generate = commands.add_parser(
+        "generate",
+        help="generate images from a prompt and save them as PNGs with their settings",
+        description="Generate images with a latent diffusion model and write them to --out as "
+        "PNGs (settings in a 'parameters' text chunk) with one line each in manifest.jsonl. "
+        "Existing files are never overwritten.",
+    )
+    generate.add_argument("prompt", nargs="?", help="what to draw")
+    generate.add_argument(
+        "--model", help="a diffusers-format model folder (default: the shipped model)"
+    )
+    generate.add_argument("--negative-prompt", help="what to steer away from (default: none)")
+    generate.add_argument("--steps", type=int, help="sampling steps (default: 50)")
+    generate.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="classifier-free guidance scale; 1 = none (default: 7.5)",
+    )
+    generate.add_argument("--sampler", choices=("ddim", "ddpm"), help="(default: ddim)")
+    generate.add_argument(
+        "--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral (default: 0)"
+    )
+    generate.add_argument(
+        "--seed", type=int, help="seed of the first image; image k gets seed + k (default: random)"
+    )
+    generate.add_argument("--n", type=int, help="images per prompt (default: 1)")
+    generate.add_argument(
+        "--height", type=int, help="image height in pixels (default: the model's)"
+    )
+    generate.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    generate.add_argument("--from-file", help="a text file of prompts, one per line")
+    generate.add_argument("--init-image", help="start from this image (image-to-image)")
+    generate.add_argument(
+        "--strength",
+        type=float,
+        help="with --init-image: how much to change it, 0 to 1 (default: 0.8)",
+    )
+    generate.add_argument(
+        "--from-png",
+        help="reuse the settings stored in a PNG made by ldm (flags given override them)",
+    )
+    generate.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    generate.add_argument(
+        "--grid", action="store_true", help="also save a contact sheet of all images"
+    )
+    generate.add_argument(
+        "--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)"
+    )
+    generate.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="(default: float16 on cuda, float32 otherwise)"
+    )
+    generate.set_defaults(func=_generate)
+
     convert = commands.add_parser(
         "convert",
         help="convert weights: SD single file <-> diffusers U-Net folder, .ckpt -> .safetensors",
@@ -122,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         print(f"ldm {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -194,3 +194,53 @@ class UNetConfig:
 
 
 UNET_PRESETS = ("sd15", "sd21", "sd21-base", "tiny-sd1", "tiny-sd2")
+
+
+# Scheduler keys that change the maths, with the only values we implement.
+UNSUPPORTED_SCHEDULER_VALUES: dict[str, Any] = {"trained_betas": None, "thresholding": False}
+
+
+@dataclass
+class SchedulerConfig:
+    """A diffusers ``scheduler/scheduler_config.json``: the noise schedule and how to sample.
+
+    The defaults are Stable Diffusion 1.5's. Keys of other scheduler classes (PNDM's
+    ``skip_prk_steps``, Euler's ``use_karras_sigmas``...) describe their own samplers and are
+    ignored; settings that would change the schedule's maths and that we do not implement
+    (``trained_betas``, ``thresholding``) are refused.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    rescale_betas_zero_snr: bool = False
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    variance_type: str = "fixed_small"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SchedulerConfig:
+        for key, allowed in UNSUPPORTED_SCHEDULER_VALUES.items():
+            if data.get(key, allowed) not in (allowed, None):
+                raise ValueError(
+                    f"scheduler config sets {key}={data[key]!r}; only {allowed!r} is supported"
+                )
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names and v is not None}
+        if "variance_type" in kwargs and kwargs["variance_type"] not in (
+            "fixed_small",
+            "fixed_large",
+        ):
+            kwargs.pop(
+                "variance_type"
+            )  # learned variances belong to other models; DDPM uses beta-tilde
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """diffusers' DDIMScheduler config, which diffusers' pipelines load."""
+        return {"_class_name": "DDIMScheduler", **dataclasses.asdict(self)}

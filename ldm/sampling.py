@@ -101,9 +101,20 @@ def _check_start_step(start_step: int, num_steps: int) -> None:
         )
 
 
-def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device (as diffusers'
-    ``randn_tensor`` does, so that a CPU generator gives the same draws for any device)."""
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def randn_like(x: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise shaped like x (B, ...), drawn on the generator's device (as
+    diffusers' ``randn_tensor`` does, so that a CPU generator gives the same draws for any
+    device). With a list of B generators, sample b is drawn from generator b, so that each
+    sample of a batch can be reproduced alone."""
+    if isinstance(generator, list):
+        if len(generator) != x.shape[0]:
+            raise ValueError(
+                f"got {len(generator)} generators for a batch of {x.shape[0]}; pass one per sample"
+            )
+        return torch.cat([randn_like(x[b : b + 1], g) for b, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
     noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
     return noise.to(x.device)
@@ -128,7 +139,7 @@ def sample_ddim(
     num_steps: int,
     *,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     timestep_spacing: TimestepSpacing = "leading",
     steps_offset: int = 1,
@@ -174,7 +185,7 @@ def sample_ddim(
             x0 = x0.clamp(-clip_sample_range, clip_sample_range)
         x = sqrt_a_prev[i] * x0 + dir_coef[i] * eps  # DDIM eq. (12)
         if eta > 0:
-            x = x + sigma[i] * _randn(x, generator)
+            x = x + sigma[i] * randn_like(x, generator)
     return x
 
 
@@ -184,7 +195,7 @@ def sample_ddpm(
     x_T: Tensor,
     *,
     num_steps: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     variance_type: VarianceType = "fixed_small",
     timestep_spacing: TimestepSpacing = "leading",
@@ -236,7 +247,7 @@ def sample_ddpm(
             x0 = x0.clamp(-clip_sample_range, clip_sample_range)
         x = coef_x0[i] * x0 + coef_xt[i] * x  # posterior mean, DDPM eq. (7)
         if adds_noise[i]:
-            x = x + std[i] * _randn(x, generator)  # Algorithm 2, line 4
+            x = x + std[i] * randn_like(x, generator)  # Algorithm 2, line 4
     return x
 
 

@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py unet [--preset sd15] [--batch 2] [--size 32] [--repeats 7] [--json out.json]
     python scripts/benchmark.py conv
+    python scripts/benchmark.py pipeline
 
 `unet` times one forward pass of our U-Net and of diffusers' UNet2DConditionModel with
 identical weights: on the CPU in fp32 at the given size, and, when CUDA is present, in fp16
@@ -14,7 +15,7 @@ import json
 
 import torch
 
-from ldm.benchmark import benchmark_conv, benchmark_unet, environment
+from ldm.benchmark import benchmark_conv, benchmark_pipeline, benchmark_unet, environment
 from ldm.config import UNET_PRESETS, UNetConfig
 
 CONV_SHAPES = [  # (C_in, C_out, size, stride): the SD 1.5 U-Net's 3x3 convolutions at 32x32 latents
@@ -51,6 +52,8 @@ def main() -> None:
     unet.add_argument("--repeats", type=int, default=7)
     unet.add_argument("--json", help="also write the results to this JSON file")
     sub.add_parser("conv", help="GFLOP/s of our Conv2d against torch's on the CPU")
+    pipeline = sub.add_parser("pipeline", help="our pipeline against diffusers' on tiny components")
+    pipeline.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
 
     env = environment()
@@ -62,6 +65,17 @@ def main() -> None:
             print(
                 f"| {r['c_in']} -> {r['c_out']} | {r['size']} | {r['stride']} | {r['gemm_path']} | {r['torch_gflops']:.0f} | {r['ours_gflops']:.0f} |"
             )
+        return
+    if args.what == "pipeline":
+        r = benchmark_pipeline(repeats=args.repeats)
+        print(f"tiny SD components, DDIM {r['steps']} steps, guidance 7.5, batch {r['batch']}, CPU")
+        print("| pipeline | median s | spread (min/max) |")
+        print("|---|---:|---|")
+        for name, t in r["timings"].items():
+            print(f"| {name} | {t['median_s']:.4f} | {t['spread']} |")
+        print(
+            f"| ours / diffusers | {r['ratio']:.3f} | max abs pixel diff {r['max_abs_diff']:.1e} |"
+        )
         return
     config = UNetConfig.preset(args.preset)
     runs = [dict(batch=args.batch, size=args.size)]

@@ -22,8 +22,14 @@ ALLOWED_IMPORTS = {
     "unet": {"attention", "config", "layers"},
     "analytic": {"schedule", "sampling"},
     "convert": {"config", "unet"},
-    "benchmark": {"config", "layers", "unet"},
-    "cli": {"__init__", "config", "convert", "schedule", "sampling"},
+    "autoencoder": set(),
+    "text_encoder": set(),
+    "images": set(),
+    "pipeline": {"autoencoder", "config", "images", "sampling", "schedule", "text_encoder", "unet"},
+    "generate": {"images", "pipeline"},
+    "testing": {"config", "text_encoder"},
+    "benchmark": {"config", "layers", "pipeline", "testing", "unet"},
+    "cli": {"__init__", "config", "convert", "generate", "pipeline", "schedule", "sampling"},
 }
 # Third-party packages a module may import, beyond torch, numpy and the standard library.
 EXTRA_PACKAGES = {
@@ -31,6 +37,11 @@ EXTRA_PACKAGES = {
     "unet": {"safetensors"},
     "convert": {"safetensors"},
     "benchmark": {"diffusers"},
+    "autoencoder": {"diffusers"},
+    "text_encoder": {"transformers", "open_clip", "safetensors"},
+    "images": {"PIL"},
+    "pipeline": {"PIL"},
+    "testing": {"diffusers", "transformers"},
 }
 ALWAYS = {"torch", "numpy"}
 
@@ -41,10 +52,12 @@ def imports_of(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module)
-            names.update(
-                f"{node.module}.{alias.name}" for alias in node.names if node.module == "ldm"
-            )
+            if node.module != "ldm":
+                names.add(node.module)
+                continue
+            for alias in node.names:  # `from ldm import images` imports ldm/images.py
+                is_module = (PACKAGE / f"{alias.name}.py").exists()
+                names.add(f"ldm.{alias.name}" if is_module else "ldm")
     return names
 
 

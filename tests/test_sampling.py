@@ -495,3 +495,19 @@ def test_ddim_inversion_round_trip_linear_schedule(num_steps, tol, gaussian_setu
     # plain inversion: 0.035 at 50 steps, 0.0091 at 200; one fixed-point iteration: 0.0032, 0.0002
     assert errors[1] <= tol and errors[1] < errors[0] / 5, errors
     assert np.isfinite(errors).all()
+
+
+def test_per_sample_generators_make_each_sample_reproducible_alone():
+    schedule = NoiseSchedule()
+    fn = perturbed_gaussian_fn(schedule)
+    x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    seeds = [10, 11, 12]
+    batch = sample_ddpm(
+        fn, schedule, x_T, num_steps=20, generator=[torch.Generator().manual_seed(s) for s in seeds]
+    )
+    alone = sample_ddpm(
+        fn, schedule, x_T[1:2], num_steps=20, generator=[torch.Generator().manual_seed(11)]
+    )
+    torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="got 2 generators for a batch of 3"):
+        sample_ddim(fn, schedule, x_T, 5, eta=1.0, generator=[torch.Generator(), torch.Generator()])

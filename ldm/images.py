@@ -1,0 +1,154 @@
+"""Images: tensors <-> PIL, contact sheets, and generation settings stored in PNG files.
+
+Settings go into a PNG text chunk named ``parameters`` in the layout that popular Stable
+Diffusion web UIs read and write::
+
+    a red circle on a blue background
+    Negative prompt: blurry
+    Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: shapes
+
+The chunk is tEXt when the text is Latin-1 and iTXt (UTF-8) otherwise. Files are created
+exclusively: an existing file is never overwritten.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from torch import Tensor
+
+PARAMETERS_KEY = "parameters"
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM"}
+
+
+def to_unit_range(images: Tensor) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] -> float32 in [0, 1], clamped."""
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_numpy(images: Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float32 in [0, 1]."""
+    return to_unit_range(images).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> RGB images, rounding x * 255 as diffusers does."""
+    return [Image.fromarray(a) for a in (to_numpy(images) * 255).round().astype(np.uint8)]
+
+
+def from_pil(image: Image.Image | str | Path, size: tuple[int, int] | None = None) -> Tensor:
+    """An image (or its path) -> (1, 3, H, W) float32 in [-1, 1]; resized to ``size`` = (W, H)
+    with Lanczos filtering when given. Transparent images are composited on white."""
+    if not isinstance(image, Image.Image):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"no image file at {path}")
+        image = Image.open(path)
+    if image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    image = image.convert("RGB")
+    if size is not None and image.size != tuple(size):
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """A contact sheet: images left to right, top to bottom, ``cols`` wide (default: square)."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def format_parameters(p: dict) -> str:
+    """The web-UI ``parameters`` text for a generation record (see the module docstring)."""
+    lines = [p["prompt"]]
+    if p.get("negative_prompt"):
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    fields = [
+        f"Steps: {p['steps']}",
+        f"Sampler: {SAMPLER_NAMES.get(p['sampler'], p['sampler'])}",
+        f"CFG scale: {p['guidance_scale']:g}",
+        f"Seed: {p['seed']}",
+        f"Size: {p['width']}x{p['height']}",
+        f"Model: {p['model']}",
+    ]
+    if p.get("eta"):
+        fields.append(f"Eta: {p['eta']:g}")
+    if p.get("strength") is not None:
+        fields.append(f"Denoising strength: {p['strength']:g}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict:
+    """Read a ``parameters`` text back into a generation record (the fields this module writes)."""
+    lines = text.strip("\n").split("\n")
+    if len(lines) < 2 or not lines[-1].startswith("Steps: "):
+        raise ValueError("not a 'parameters' text: its last line must start with 'Steps: '")
+    fields = dict(item.split(": ", 1) for item in lines[-1].split(", ") if ": " in item)
+    body = lines[:-1]
+    negative = ""
+    if body and body[-1].startswith("Negative prompt: "):
+        negative = body.pop().removeprefix("Negative prompt: ")
+    width, height = (int(v) for v in fields["Size"].split("x"))
+    samplers = {v: k for k, v in SAMPLER_NAMES.items()}
+    return {
+        "prompt": "\n".join(body),
+        "negative_prompt": negative,
+        "steps": int(fields["Steps"]),
+        "sampler": samplers.get(fields["Sampler"], fields["Sampler"].lower()),
+        "guidance_scale": float(fields["CFG scale"]),
+        "seed": int(fields["Seed"]),
+        "width": width,
+        "height": height,
+        "model": fields.get("Model"),
+        "eta": float(fields.get("Eta", 0.0)),
+        "strength": float(fields["Denoising strength"]) if "Denoising strength" in fields else None,
+    }
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
+    """Write a PNG with an optional ``parameters`` chunk; fails if ``path`` exists."""
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        try:
+            parameters.encode("latin-1")
+            info.add_text(PARAMETERS_KEY, parameters)
+        except UnicodeEncodeError:
+            info.add_itxt(PARAMETERS_KEY, parameters)
+    path = Path(path)
+    with open(path, "xb") as f:  # exclusive: never overwrite
+        image.save(f, format="PNG", pnginfo=info)
+    return path
+
+
+def read_parameters(path: str | Path) -> str:
+    """The ``parameters`` text stored in a PNG; ValueError if it has none."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image file at {path}")
+    with Image.open(path) as image:
+        text = image.text.get(PARAMETERS_KEY) if hasattr(image, "text") else None
+    if text is None:
+        raise ValueError(f"{path} holds no '{PARAMETERS_KEY}' text chunk with generation settings")
+    return text
+
+
+def next_free_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
+    """``folder/NNNNN-stem.suffix`` with the first index not yet used in the folder."""
+    used = [int(p.name[:5]) for p in folder.glob(f"[0-9][0-9][0-9][0-9][0-9]-*{suffix}")]
+    index = max(used, default=-1) + 1
+    return folder / f"{index:05d}-{stem}{suffix}"

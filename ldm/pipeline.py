@@ -1,0 +1,520 @@
+"""The Python API: text-to-image, image-to-image and DDIM inversion with a latent diffusion model.
+
+    pipe = LatentDiffusionPipeline.from_pretrained("path/to/model")   # a diffusers folder
+    result = pipe("a large red circle in the center on a blue background", seed=42)
+    result.images[0].save("circle.png")
+
+A pipeline is four parts: our U-Net, a frozen VAE, a frozen CLIP text encoder and a scheduler
+config. The sampling loops live in `ldm.sampling`; this module prepares their inputs, runs
+them under classifier-free guidance and decodes the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ldm import images as imaging
+from ldm.autoencoder import FrozenVAE
+from ldm.config import SchedulerConfig
+from ldm.sampling import (
+    guided_eps_fn,
+    img2img_start,
+    invert_ddim,
+    randn_like,
+    sample_ddim,
+    sample_ddpm,
+)
+from ldm.schedule import NoiseSchedule
+from ldm.text_encoder import FrozenTextEncoder
+from ldm.unet import UNet
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("ddim", "ddpm")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+OutputType = Literal["pil", "np", "pt", "latent"]
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+@dataclass
+class GenerationResult:
+    """What a pipeline call returns: ``images`` in the requested output type, the seed of each
+    image (image k reproduces alone with ``seed=seeds[k]``) and each image's settings."""
+
+    images: list[Image.Image] | Tensor | object
+    seeds: list[int | None]
+    parameters: list[dict] = field(default_factory=list)
+
+
+class LatentDiffusionPipeline:
+    """Text-to-image latent diffusion: our U-Net, a frozen VAE and a frozen text encoder."""
+
+    def __init__(
+        self,
+        unet: UNet,
+        vae: FrozenVAE,
+        text_encoder: FrozenTextEncoder,
+        scheduler: SchedulerConfig | None = None,
+        *,
+        name: str = "model",
+    ) -> None:
+        self.unet = unet.eval().requires_grad_(False)
+        self.vae, self.text_encoder = vae, text_encoder
+        self.scheduler = scheduler or SchedulerConfig()
+        self.name = name
+        s = self.scheduler
+        self.schedule = NoiseSchedule(
+            s.beta_schedule,
+            s.num_train_timesteps,
+            s.beta_start,
+            s.beta_end,
+            rescale_betas_zero_snr=s.rescale_betas_zero_snr,
+            prediction_type=s.prediction_type,
+        )
+
+    # ------------------------------------------------------------------ files
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LatentDiffusionPipeline:
+        """Load a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/,
+        tokenizer/, scheduler/), such as `StableDiffusionPipeline.save_pretrained` writes."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no model folder at {path}")
+        missing = [
+            p for p in ("unet", "vae", "text_encoder", "tokenizer") if not (path / p).is_dir()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} is not a pipeline folder: it lacks {', '.join(p + '/' for p in missing)}"
+            )
+        scheduler_file = path / "scheduler" / "scheduler_config.json"
+        scheduler = (
+            SchedulerConfig.from_dict(json.loads(scheduler_file.read_text()))
+            if scheduler_file.is_file()
+            else None
+        )
+        pipe = cls(
+            UNet.from_pretrained(path / "unet"),
+            FrozenVAE.from_pretrained(path / "vae"),
+            FrozenTextEncoder.from_pretrained(path),
+            scheduler,
+            name=path.name,
+        )
+        return pipe.to(device, dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a folder that `from_pretrained` and diffusers' `StableDiffusionPipeline` load."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(path / "unet")
+        self.vae.save_pretrained(path / "vae")
+        self.text_encoder.save_pretrained(path)
+        (path / "scheduler").mkdir(exist_ok=True)
+        (path / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(self.scheduler.to_dict(), indent=2) + "\n"
+        )
+        (path / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> LatentDiffusionPipeline:
+        """Move to a device and the U-Net and text encoder to a dtype. A VAE that asks for it
+        (``force_upcast``) decodes in float32."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale(self) -> int:
+        return self.vae.downscale_factor
+
+    # ------------------------------------------------------------------ checks
+
+    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        default = (self.unet.config.sample_size or 64) * self.vae_scale
+        height, width = height or default, width or default
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % self.vae_scale:
+                raise ValueError(
+                    f"{name}={value} must be a positive multiple of {self.vae_scale} (the VAE's downscale factor)"
+                )
+        return height, width
+
+    def _check(
+        self,
+        num_inference_steps: int,
+        guidance_scale: float,
+        sampler: str,
+        eta: float,
+        output_type: str,
+    ) -> None:
+        T = self.schedule.num_train_timesteps
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
+            raise ValueError(
+                f"num_inference_steps must be an integer from 1 to {T}, got {num_inference_steps!r}"
+            )
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(
+                f"guidance_scale must be a finite number >= 0 (1 means no guidance), got {guidance_scale}"
+            )
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        if not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}"
+            )
+
+    @staticmethod
+    def _prompts(
+        prompt: str | list[str], negative_prompt: str | list[str] | None
+    ) -> tuple[list[str], list[str]]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is an empty list; give at least one prompt")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(
+                    f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; give one per prompt, or a single string"
+                )
+        return prompts, negatives
+
+    @staticmethod
+    def _generators(
+        n: int,
+        seed: int | list[int] | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> tuple[list[torch.Generator], list[int | None]]:
+        """One CPU generator per image: seed S gives image k the seed S + k."""
+        if generator is not None:
+            generators = generator if isinstance(generator, list) else [generator]
+            if len(generators) != n:
+                raise ValueError(
+                    f"got {len(generators)} generators for {n} images; pass one per image (or use seed=)"
+                )
+            return generators, [g.initial_seed() for g in generators]
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**32)
+        seeds = [seed + k for k in range(n)] if isinstance(seed, int) else list(seed)
+        if len(seeds) != n:
+            raise ValueError(
+                f"got {len(seeds)} seeds for {n} images; pass one per image, or one int"
+            )
+        return [torch.Generator().manual_seed(s) for s in seeds], seeds
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        *,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        num_images_per_prompt: int = 1,
+        seed: int | list[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        output_type: OutputType = "pil",
+        progress: bool = True,
+    ) -> GenerationResult:
+        """Generate ``num_images_per_prompt`` images for each prompt.
+
+        Image k of a call with ``seed=S`` uses seed S + k with its own generator, so any image
+        can be reproduced alone; with no seed, one is drawn and recorded. ``latents``
+        (B, C, h, w) replaces the initial noise (for example DDIM-inverted latents at guidance
+        1). Returns a `GenerationResult`; ``output_type`` is ``pil``, ``np`` ((B, H, W, 3) in
+        [0, 1]), ``pt`` ((B, 3, H, W) in [0, 1]) or ``latent``.
+        """
+        prompts, negatives = self._prompts(prompt, negative_prompt)
+        height, width = self._size(height, width)
+        self._check(num_inference_steps, guidance_scale, sampler, eta, output_type)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        generators, seeds = self._generators(len(prompts), seed, generator)
+        shape = (
+            len(prompts),
+            self.unet.config.in_channels,
+            height // self.vae_scale,
+            width // self.vae_scale,
+        )
+        if latents is None:
+            x_T = randn_like(torch.empty(shape), generators).to(self.device)  # drawn on the CPU
+        elif tuple(latents.shape) != shape:
+            raise ValueError(
+                f"latents have shape {tuple(latents.shape)}; expected {shape} for {len(prompts)} images of {height}x{width}"
+            )
+        else:
+            x_T = latents.to(self.device, torch.float32)
+        x0 = self._sample(
+            prompts,
+            negatives,
+            x_T,
+            num_inference_steps,
+            guidance_scale,
+            sampler,
+            eta,
+            generators,
+            progress=progress,
+        )
+        records = [
+            {
+                "prompt": p,
+                "negative_prompt": n,
+                "seed": s,
+                "sampler": sampler,
+                "steps": num_inference_steps,
+                "guidance_scale": guidance_scale,
+                "eta": eta,
+                "width": width,
+                "height": height,
+                "strength": None,
+                "model": self.name,
+            }
+            for p, n, s in zip(prompts, negatives, seeds, strict=True)
+        ]
+        return GenerationResult(self._output(x0, output_type), seeds, records)
+
+    def _model_fn(self, prompts: list[str], negatives: list[str], guidance_scale: float):
+        context = self.text_encoder(prompts).to(self.dtype)  # (B, L, D)
+        uncond = self.text_encoder(negatives).to(self.dtype) if guidance_scale != 1 else None
+
+        def unet_fn(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+            return self.unet(x.to(self.dtype), t, c).float()  # sampler state stays float32
+
+        return guided_eps_fn(unet_fn, context, uncond, guidance_scale)
+
+    def _sample(
+        self,
+        prompts,
+        negatives,
+        x_T,
+        steps,
+        guidance_scale,
+        sampler,
+        eta,
+        generators,
+        *,
+        start_step=0,
+        progress=True,
+    ) -> Tensor:
+        s = self.scheduler
+        model_fn = self._model_fn(prompts, negatives, guidance_scale)
+        spacing = dict(timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset)
+        clip = dict(clip_sample=s.clip_sample, clip_sample_range=s.clip_sample_range)
+        if sampler == "ddim":
+            return sample_ddim(
+                model_fn,
+                self.schedule,
+                x_T,
+                steps,
+                eta=eta,
+                generator=generators,
+                progress=progress,
+                set_alpha_to_one=s.set_alpha_to_one,
+                start_step=start_step,
+                **spacing,
+                **clip,
+            )
+        return sample_ddpm(
+            model_fn,
+            self.schedule,
+            x_T,
+            num_steps=steps,
+            generator=generators,
+            progress=progress,
+            variance_type=s.variance_type,
+            start_step=start_step,
+            **spacing,
+            **clip,
+        )
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images (B, 3, H, W) in [-1, 1]; a non-finite result is an error."""
+        images = self.vae.decode(latents.to(self.vae.dtype), batch_size=8)
+        if not torch.isfinite(images).all():
+            raise FloatingPointError(
+                "the decoded images contain NaN or infinite values (an overflow, often from fp16); "
+                "nothing was saved. Try dtype=torch.float32 or bfloat16."
+            )
+        return images
+
+    def _output(self, latents: Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        images = self.decode(latents)
+        if output_type == "pt":
+            return imaging.to_unit_range(images)
+        if output_type == "np":
+            return imaging.to_numpy(images)
+        return imaging.to_pil(images)
+
+    def encode_images(
+        self,
+        image: Image.Image | list[Image.Image] | Tensor,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Tensor:
+        """PIL images (resized to height x width when given) or a tensor (B, 3, H, W) in [-1, 1]
+        -> latents (B, C, h, w), the VAE posterior means."""
+        if isinstance(image, Tensor):
+            pixels = image
+        else:
+            batch = image if isinstance(image, list) else [image]
+            size = (width, height) if height and width else None
+            pixels = torch.cat([imaging.from_pil(im, size) for im in batch])
+        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).float()
+
+    @torch.no_grad()
+    def img2img(
+        self,
+        prompt: str | list[str],
+        image: Image.Image | list[Image.Image] | Tensor,
+        *,
+        strength: float = 0.8,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        seed: int | list[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: OutputType = "pil",
+        progress: bool = True,
+    ) -> GenerationResult:
+        """Image-to-image: noise the image's latents to the step that ``strength`` picks and
+        sample from there (`ldm.sampling.img2img_start`). Strength 0 returns the input (up to the
+        VAE round trip); 1 ignores it. One image per prompt, or one image for all prompts."""
+        if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        prompts, negatives = self._prompts(prompt, negative_prompt)
+        self._check(num_inference_steps, guidance_scale, sampler, eta, output_type)
+        x0 = self.encode_images(image)
+        if x0.shape[0] == 1 and len(prompts) > 1:
+            x0 = x0.expand(len(prompts), -1, -1, -1)
+        if x0.shape[0] != len(prompts):
+            raise ValueError(
+                f"got {x0.shape[0]} images for {len(prompts)} prompts; give one image, or one per prompt"
+            )
+        generators, seeds = self._generators(len(prompts), seed, generator)
+        noise = randn_like(x0, generators)
+        s = self.scheduler
+        x_start, start = img2img_start(
+            self.schedule,
+            x0,
+            noise,
+            num_inference_steps,
+            strength,
+            timestep_spacing=s.timestep_spacing,
+            steps_offset=s.steps_offset,
+        )
+        x = self._sample(
+            prompts,
+            negatives,
+            x_start,
+            num_inference_steps,
+            guidance_scale,
+            sampler,
+            eta,
+            generators,
+            start_step=start,
+            progress=progress,
+        )
+        height, width = (d * self.vae_scale for d in x0.shape[-2:])
+        records = [
+            {
+                "prompt": p,
+                "negative_prompt": n,
+                "seed": sd,
+                "sampler": sampler,
+                "steps": num_inference_steps,
+                "guidance_scale": guidance_scale,
+                "eta": eta,
+                "width": width,
+                "height": height,
+                "strength": strength,
+                "model": self.name,
+            }
+            for p, n, sd in zip(prompts, negatives, seeds, strict=True)
+        ]
+        return GenerationResult(self._output(x, output_type), seeds, records)
+
+    @torch.no_grad()
+    def invert(
+        self,
+        prompt: str | list[str],
+        image: Image.Image | list[Image.Image] | Tensor,
+        *,
+        num_inference_steps: int = 50,
+        fixed_point_iters: int = 0,
+        progress: bool = True,
+    ) -> Tensor:
+        """DDIM inversion at guidance 1: the latents x_T (B, C, h, w) that ``__call__`` with
+        ``latents=x_T``, ``guidance_scale=1``, ``sampler="ddim"``, ``eta=0`` and the same prompt
+        and steps maps back to (about) the image. See `ldm.sampling.invert_ddim`."""
+        prompts, negatives = self._prompts(prompt, None)
+        self._check(num_inference_steps, 1.0, "ddim", 0.0, "latent")
+        x0 = self.encode_images(image)
+        if x0.shape[0] != len(prompts):
+            raise ValueError(
+                f"got {x0.shape[0]} images for {len(prompts)} prompts; give one per prompt"
+            )
+        s = self.scheduler
+        return invert_ddim(
+            self._model_fn(prompts, negatives, 1.0),
+            self.schedule,
+            x0,
+            num_inference_steps,
+            progress=progress,
+            timestep_spacing=s.timestep_spacing,
+            steps_offset=s.steps_offset,
+            set_alpha_to_one=s.set_alpha_to_one,
+            fixed_point_iters=fixed_point_iters,
+        )
