@@ -95,7 +95,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from ldm.convert import convert
+    from ldm.conversion import convert
 
     print(convert(args.source, args.target, config=args.config, unsafe_pickle=args.unsafe_pickle))
 
@@ -195,15 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
-        help="convert weights: SD single file <-> diffusers U-Net folder, .ckpt -> .safetensors",
+        help="convert weights: SD single file <-> diffusers folder, .ckpt -> .safetensors",
         description="Convert weights between formats, chosen from the paths. "
         "SOURCE.ckpt TARGET.safetensors: the same tensors without pickle. "
-        "SOURCE.safetensors|.ckpt (an original Stable Diffusion checkpoint) TARGET_DIR: its U-Net as "
-        "a diffusers folder (config.json + diffusion_pytorch_model.safetensors). "
-        "SOURCE_DIR (a diffusers U-Net folder) TARGET.safetensors: an SD single file. "
+        "SOURCE.safetensors|.ckpt TARGET_DIR: an original Stable Diffusion 1.x/2.x checkpoint as a "
+        "diffusers pipeline folder (or, for a file with only U-Net weights, a diffusers U-Net folder). "
+        "SOURCE_DIR TARGET.safetensors: a diffusers pipeline (or U-Net) folder as an SD single file. "
         "Existing files are never overwritten.",
     )
-    convert.add_argument("source", help="a .safetensors/.ckpt file or a diffusers U-Net folder")
+    convert.add_argument(
+        "source", help="a .safetensors/.ckpt file, or a diffusers pipeline or U-Net folder"
+    )
     convert.add_argument("target", help="a new .safetensors file or a new (or empty) folder")
     convert.add_argument(
         "--config",

@@ -13,8 +13,10 @@ refused unless ``unsafe_pickle=True``.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -27,6 +29,9 @@ from ldm.unet import UNet
 logger = logging.getLogger(__name__)
 
 COMPVIS_UNET_PREFIX = "model.diffusion_model."
+COMPVIS_VAE_PREFIX = "first_stage_model."
+SD1_TEXT_PREFIX = "cond_stage_model.transformer."  # transformers CLIPTextModel names
+SD2_TEXT_PREFIX = "cond_stage_model.model."  # open_clip names
 # inside a ResNet block: diffusers name -> CompVis name (Sequential indices)
 RESNET_NAMES = {
     "norm1": "in_layers.0",
@@ -80,40 +85,94 @@ def unet_key_map(config: UNetConfig) -> dict[str, str]:
 
 
 def _rename(
-    state: dict[str, Tensor], modules: dict[str, str], resnet_names: dict[str, str]
+    state: dict[str, Tensor], modules: dict[str, str], inner: dict[str, dict[str, str]]
 ) -> dict[str, Tensor]:
+    """Rename tensors by module path (``modules``); inside a module whose path is a key of
+    ``inner``, also rename the sub-module that holds the tensor."""
     out = {}
     for key, value in state.items():
         parts = key.split(".")
         for k in range(len(parts) - 1, 0, -1):  # the longest known module path
             prefix = ".".join(parts[:k])
             if prefix in modules:
-                rest = ".".join(parts[k:])
-                if prefix in resnet_names["modules"]:
-                    layer, _, param = rest.rpartition(".")
-                    rest = f"{resnet_names['names'].get(layer, layer)}.{param}"
-                out[f"{modules[prefix]}.{rest}"] = value
+                layer, _, param = ".".join(parts[k:]).rpartition(".")
+                layer = inner.get(prefix, {}).get(layer, layer)
+                out[
+                    f"{modules[prefix]}.{layer}.{param}" if layer else f"{modules[prefix]}.{param}"
+                ] = value
                 break
         else:
-            raise ValueError(f"tensor {key!r} belongs to no module of this U-Net config")
+            raise ValueError(f"tensor {key!r} belongs to no module of this model's config")
     return out
+
+
+def _inverse(modules: dict[str, str], inner: dict[str, dict[str, str]]):
+    return (
+        {v: k for k, v in modules.items()},
+        {modules[m]: {v: k for k, v in names.items()} for m, names in inner.items()},
+    )
+
+
+def _unet_names(config: UNetConfig):
+    modules = unet_key_map(config)
+    return modules, {m: RESNET_NAMES for m in modules if ".resnets." in m}
 
 
 def unet_diffusers_to_compvis(state: dict[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
     """diffusers names -> CompVis names (without the ``model.diffusion_model.`` prefix)."""
-    modules = unet_key_map(config)
-    resnets = {"modules": {m for m in modules if ".resnets." in m}, "names": RESNET_NAMES}
-    return _rename(state, modules, resnets)
+    return _rename(state, *_unet_names(config))
 
 
 def unet_compvis_to_diffusers(state: dict[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
     """CompVis names (without the prefix) -> diffusers names."""
-    modules = {v: k for k, v in unet_key_map(config).items()}
-    resnets = {
-        "modules": {c for c, d in modules.items() if ".resnets." in d},
-        "names": {v: k for k, v in RESNET_NAMES.items()},
-    }
-    return _rename(state, modules, resnets)
+    return _rename(state, *_inverse(*_unet_names(config)))
+
+
+# VAE: diffusers AutoencoderKL <-> CompVis first_stage_model
+VAE_ATTENTION_NAMES = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
+
+
+def _vae_names(levels: int, layers_per_block: int):
+    modules = {name: name for name in ("quant_conv", "post_quant_conv")}
+    for part in ("encoder", "decoder"):
+        for name in ("conv_in", "conv_out"):
+            modules[f"{part}.{name}"] = f"{part}.{name}"
+        modules[f"{part}.conv_norm_out"] = f"{part}.norm_out"
+        modules[f"{part}.mid_block.resnets.0"] = f"{part}.mid.block_1"
+        modules[f"{part}.mid_block.resnets.1"] = f"{part}.mid.block_2"
+        modules[f"{part}.mid_block.attentions.0"] = f"{part}.mid.attn_1"
+    for i in range(levels):
+        for j in range(layers_per_block):
+            modules[f"encoder.down_blocks.{i}.resnets.{j}"] = f"encoder.down.{i}.block.{j}"
+        for j in range(layers_per_block + 1):
+            modules[f"decoder.up_blocks.{i}.resnets.{j}"] = f"decoder.up.{levels - 1 - i}.block.{j}"
+        if i < levels - 1:
+            modules[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (
+                f"encoder.down.{i}.downsample.conv"
+            )
+            modules[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (
+                f"decoder.up.{levels - 1 - i}.upsample.conv"
+            )
+    inner = {m: {"conv_shortcut": "nin_shortcut"} for m in modules if ".resnets." in m}
+    inner |= {m: VAE_ATTENTION_NAMES for m in modules if m.endswith("attentions.0")}
+    return modules, inner
+
+
+def vae_diffusers_to_compvis(state: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
+    """An AutoencoderKL state dict -> CompVis ``first_stage_model`` names (without the prefix);
+    attention projections become 1x1 convolutions, as CompVis stores them."""
+    names = _vae_names(len(config["block_out_channels"]), config["layers_per_block"])
+    out = _rename(state, *names)
+    for key, value in out.items():
+        if ".attn_1." in key and key.endswith("weight") and value.ndim == 2:
+            out[key] = value[:, :, None, None]  # (C, C) -> (C, C, 1, 1)
+    return out
 
 
 # ----------------------------------------------------------------------------- files
@@ -210,39 +269,117 @@ def save_unet_single_file(unet: UNet, path: str | Path) -> None:
     )
 
 
-def convert(
-    source: str | Path,
-    target: str | Path,
-    *,
-    config: str | None = None,
-    unsafe_pickle: bool = False,
-) -> str:
-    """What ``ldm convert`` does, chosen from the paths; returns a one-line summary.
+# ----------------------------------------------------------------------------- whole pipelines
 
-    - ``.ckpt``/``.pt``/``.pth`` -> ``.safetensors``: the same tensors, without pickle.
-    - SD single file -> folder: the U-Net as a diffusers ``unet`` folder.
-    - diffusers ``unet`` folder -> ``.safetensors``: an SD single file with the U-Net.
-    """
-    source, target = Path(source), Path(target)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{target} exists; choose a new file name (nothing is overwritten)")
-    if source.is_dir():
-        if target.suffix != ".safetensors":
-            raise ValueError(
-                f"a folder converts to an SD single file ending in .safetensors, got {target}"
-            )
-        save_unet_single_file(UNet.from_pretrained(source), target)
-        return f"wrote the U-Net of {source} as an SD single file {target}"
-    if target.suffix == ".safetensors":
-        if source.suffix == ".safetensors":
-            raise ValueError(f"{source} is already a .safetensors file")
-        state = load_checkpoint(source, unsafe_pickle=unsafe_pickle)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(target))
-        return f"wrote {len(state)} tensors from {source} to {target}"
-    if target.exists() and any(target.iterdir()):
+
+def shipped_config(kind: str, name: str) -> dict:
+    """A config shipped with the package: ``configs/{kind}/{name}.json``."""
+    return json.loads(resources.files("ldm").joinpath("configs", kind, f"{name}.json").read_text())
+
+
+def sd_version(state: dict[str, Tensor]) -> str:
+    """``sd1`` (CLIP ViT-L text encoder) or ``sd2`` (OpenCLIP ViT-H), from the key names."""
+    if any(k.startswith(SD1_TEXT_PREFIX) for k in state):
+        return "sd1"
+    if any(k.startswith(SD2_TEXT_PREFIX) for k in state):
+        return "sd2"
+    raise ValueError(
+        f"no text encoder in this checkpoint ({SD1_TEXT_PREFIX}* or {SD2_TEXT_PREFIX}* tensors): "
+        "it is not a whole Stable Diffusion 1.x/2.x checkpoint"
+    )
+
+
+def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _load_exactly(model: torch.nn.Module, state: dict[str, Tensor], what: str) -> None:
+    expected = model.state_dict()
+    if not any(k in expected for k in state) and all(k.startswith("text_model.") for k in state):
+        state = _strip(state, "text_model.")  # transformers 5 names CLIPTextModel without it
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    ignorable = {k for k in unexpected if k.endswith("position_ids")}
+    if missing or set(unexpected) - ignorable:
         raise ValueError(
-            f"{target} is a folder that is not empty; choose a new one (nothing is overwritten)"
+            f"the {what} weights do not fit its config: {len(missing)} missing ({', '.join(missing[:5])}), "
+            f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])})"
         )
-    unet = load_unet_single_file(source, config, unsafe_pickle=unsafe_pickle)
-    unet.save_pretrained(target)
-    return f"wrote the U-Net of {source} as a diffusers folder {target}"
+    model.load_state_dict({k: v for k, v in state.items() if k not in ignorable})
+
+
+def load_single_file_components(
+    path: str | Path,
+    *,
+    unet_config: UNetConfig | str | None = None,
+    vae_config: dict | None = None,
+    text_encoder_config: dict | None = None,
+    unsafe_pickle: bool = False,
+):
+    """The U-Net, VAE and text encoder of an original SD 1.x/2.x checkpoint, and its version.
+
+    Configs default to the shipped SD ones (``ldm/configs``); the tokenizer is CLIP's, built
+    offline, padding with ``<|endoftext|>`` (SD 1) or ``!`` (SD 2, OpenCLIP).
+    Returns (unet, vae, text_encoder, version).
+    """
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.autoencoder import FrozenVAE
+    from ldm.text_encoder import FrozenTextEncoder, build_clip_tokenizer
+
+    state = load_checkpoint(path, unsafe_pickle=unsafe_pickle)
+    version = sd_version(state)
+    unet_state = _strip(state, COMPVIS_UNET_PREFIX)
+    config = unet_config or detect_unet_preset(unet_state)
+    config = UNetConfig.preset(config) if isinstance(config, str) else config
+    unet = UNet(config)
+    unet.load_weights(unet_compvis_to_diffusers(unet_state, config), source=str(path))
+
+    vae_config = vae_config or shipped_config("vae", "sd")
+    vae = AutoencoderKL(**{k: v for k, v in vae_config.items() if not k.startswith("_")})
+    _load_exactly(vae, convert_ldm_vae_checkpoint(state, vae.config), "VAE")
+
+    text_config = CLIPTextConfig(**(text_encoder_config or shipped_config("text_encoder", version)))
+    text_model = CLIPTextModel(text_config)
+    if version == "sd1":
+        text_state = _strip(state, SD1_TEXT_PREFIX)
+    else:  # SD 2 uses the penultimate block: drop the last one, as diffusers' SD 2 folders do
+        last = max(
+            int(k.split(".")[4])
+            for k in state
+            if k.startswith(SD2_TEXT_PREFIX + "transformer.resblocks.")
+        )
+        kept = {
+            k: v
+            for k, v in state.items()
+            if not k.startswith(f"{SD2_TEXT_PREFIX}transformer.resblocks.{last}.")
+        }
+        text_state = convert_open_clip_checkpoint(text_model, kept, prefix=SD2_TEXT_PREFIX)
+        text_state = {k: v for k, v in text_state.items() if "text_projection" not in k}
+    _load_exactly(text_model, text_state, "text encoder")
+    tokenizer = build_clip_tokenizer(pad_token="<|endoftext|>" if version == "sd1" else "!")
+    text_encoder = FrozenTextEncoder(text_model, tokenizer, kind="transformers")
+    return unet, FrozenVAE(vae), text_encoder, version
+
+
+def save_single_file(unet: UNet, vae, text_encoder, path: str | Path) -> None:
+    """Write a pipeline's weights as an original SD 1.x-style single file (safetensors)."""
+    if text_encoder.kind != "transformers":
+        raise ValueError(
+            "only a transformers CLIP text encoder can be written to an SD 1.x-style single file"
+        )
+    state = {
+        COMPVIS_UNET_PREFIX + k: v
+        for k, v in unet_diffusers_to_compvis(unet.state_dict(), unet.config).items()
+    }
+    vae_state = vae_diffusers_to_compvis(vae.vae.state_dict(), dict(vae.vae.config))
+    state |= {COMPVIS_VAE_PREFIX + k: v for k, v in vae_state.items()}
+    state |= {
+        SD1_TEXT_PREFIX + "text_model." + k.removeprefix("text_model."): v
+        for k, v in text_encoder.model.state_dict().items()
+    }
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from ldm import images as imaging
 from ldm.autoencoder import FrozenVAE
-from ldm.config import SchedulerConfig
+from ldm.config import SchedulerConfig, UNetConfig
+from ldm.convert import load_single_file_components, save_single_file
 from ldm.sampling import (
     guided_eps_fn,
     img2img_start,
@@ -129,6 +130,49 @@ class LatentDiffusionPipeline:
             name=path.name,
         )
         return pipe.to(device, dtype)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | Path,
+        prediction_type: str | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        unet_config: UNetConfig | str | None = None,
+        vae_config: dict | None = None,
+        text_encoder_config: dict | None = None,
+        unsafe_pickle: bool = False,
+    ) -> LatentDiffusionPipeline:
+        """Load an original Stable Diffusion 1.x/2.x checkpoint (``.safetensors`` or ``.ckpt``)
+        with the configs shipped in the package (`ldm.convert.load_single_file_components`).
+
+        An SD 2 checkpoint's prediction type cannot be read from its weights: 768-v models
+        predict ``v_prediction``, 512-base models ``epsilon``. Say which with
+        ``prediction_type``; SD 1.x defaults to ``epsilon``.
+        """
+        unet, vae, text_encoder, version = load_single_file_components(
+            path,
+            unet_config=unet_config,
+            vae_config=vae_config,
+            text_encoder_config=text_encoder_config,
+            unsafe_pickle=unsafe_pickle,
+        )
+        if prediction_type is None and version == "sd2":
+            raise ValueError(
+                f"{path} is a Stable Diffusion 2 checkpoint, whose weights do not say whether it "
+                "predicts eps or v: pass prediction_type='v_prediction' (768-v models) or "
+                "'epsilon' (512-base models)"
+            )
+        scheduler = SchedulerConfig(prediction_type=prediction_type or "epsilon")
+        return cls(unet, vae, text_encoder, scheduler, name=Path(path).stem).to(device, dtype)
+
+    def save_single_file(self, path: str | Path) -> None:
+        """Write the weights as an original SD 1.x-style single file (``.safetensors``)."""
+        path = Path(path)
+        if path.exists():
+            raise ValueError(f"{path} exists; choose a new file name (nothing is overwritten)")
+        save_single_file(self.unet, self.vae, self.text_encoder, path)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a folder that `from_pretrained` and diffusers' `StableDiffusionPipeline` load."""

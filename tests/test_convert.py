@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from test_unet import inputs, twins
 
 from ldm.cli import main
+from ldm.conversion import convert
 from ldm.convert import (
     COMPVIS_UNET_PREFIX,
-    convert,
     load_checkpoint,
     load_unet_single_file,
     save_unet_single_file,

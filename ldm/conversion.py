@@ -1,0 +1,73 @@
+"""What ``ldm convert`` does: convert weights between formats, chosen from the paths.
+
+Files are never overwritten. The format maps themselves live in `ldm.convert`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ldm.convert import (
+    SD1_TEXT_PREFIX,
+    SD2_TEXT_PREFIX,
+    load_checkpoint,
+    load_unet_single_file,
+    save_unet_single_file,
+)
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.unet import UNet
+
+
+def convert(
+    source: str | Path,
+    target: str | Path,
+    *,
+    config: str | None = None,
+    unsafe_pickle: bool = False,
+) -> str:
+    """What ``ldm convert`` does, chosen from the paths; returns a one-line summary.
+
+    - ``.ckpt``/``.pt``/``.pth`` -> ``.safetensors``: the same tensors, without pickle.
+    - SD single file -> folder: a whole diffusers pipeline folder when the file holds a text
+      encoder (SD 1.x/2.x checkpoints), else the U-Net as a diffusers ``unet`` folder.
+    - diffusers pipeline or ``unet`` folder -> ``.safetensors``: an SD single file.
+    """
+    source, target = Path(source), Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists; choose a new file name (nothing is overwritten)")
+    if source.is_dir() and (source / "model_index.json").is_file():
+        if target.suffix != ".safetensors":
+            raise ValueError(
+                f"a pipeline folder converts to an SD single file ending in .safetensors, got {target}"
+            )
+        LatentDiffusionPipeline.from_pretrained(source).save_single_file(target)
+        return f"wrote the pipeline {source} as an SD single file {target}"
+    if source.is_dir():
+        if target.suffix != ".safetensors":
+            raise ValueError(
+                f"a folder converts to an SD single file ending in .safetensors, got {target}"
+            )
+        save_unet_single_file(UNet.from_pretrained(source), target)
+        return f"wrote the U-Net of {source} as an SD single file {target}"
+    if target.suffix == ".safetensors":
+        if source.suffix == ".safetensors":
+            raise ValueError(f"{source} is already a .safetensors file")
+        state = load_checkpoint(source, unsafe_pickle=unsafe_pickle)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+        return f"wrote {len(state)} tensors from {source} to {target}"
+    if target.exists() and any(target.iterdir()):
+        raise ValueError(
+            f"{target} is a folder that is not empty; choose a new one (nothing is overwritten)"
+        )
+    state = load_checkpoint(source, unsafe_pickle=unsafe_pickle)
+    if any(k.startswith((SD1_TEXT_PREFIX, SD2_TEXT_PREFIX)) for k in state):
+        pipe = LatentDiffusionPipeline.from_single_file(
+            source, unet_config=config, unsafe_pickle=unsafe_pickle
+        )
+        pipe.save_pretrained(target)
+        return f"wrote {source} as a diffusers pipeline folder {target}"
+    unet = load_unet_single_file(source, config, unsafe_pickle=unsafe_pickle)
+    unet.save_pretrained(target)
+    return f"wrote the U-Net of {source} as a diffusers folder {target}"
