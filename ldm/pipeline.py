@@ -348,23 +348,30 @@ class LatentDiffusionPipeline:
             generators,
             progress=progress,
         )
-        records = [
-            {
-                "prompt": p,
-                "negative_prompt": n,
-                "seed": s,
-                "sampler": sampler,
-                "steps": num_inference_steps,
-                "guidance_scale": guidance_scale,
-                "eta": eta,
-                "width": width,
-                "height": height,
-                "strength": None,
-                "model": self.name,
-            }
-            for p, n, s in zip(prompts, negatives, seeds, strict=True)
-        ]
+        records = self._records(
+            prompts,
+            negatives,
+            seeds,
+            sampler,
+            num_inference_steps,
+            guidance_scale,
+            eta,
+            (width, height),
+            None,
+        )
         return GenerationResult(self._output(x0, output_type), seeds, records)
+
+    def _records(
+        self, prompts, negatives, seeds, sampler, steps, guidance_scale, eta, size, strength
+    ) -> list[dict]:
+        """One settings record per image, as ``GenerationResult.parameters`` holds them."""
+        width, height = size
+        common = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "eta": eta}
+        common |= {"width": width, "height": height, "strength": strength, "model": self.name}
+        return [
+            {"prompt": p, "negative_prompt": n, "seed": seed} | common
+            for p, n, seed in zip(prompts, negatives, seeds, strict=True)
+        ]
 
     def _model_fn(self, prompts: list[str], negatives: list[str], guidance_scale: float):
         context = self.text_encoder(prompts).to(self.dtype)  # (B, L, D)
@@ -512,22 +519,17 @@ class LatentDiffusionPipeline:
             progress=progress,
         )
         height, width = (d * self.vae_scale for d in x0.shape[-2:])
-        records = [
-            {
-                "prompt": p,
-                "negative_prompt": n,
-                "seed": sd,
-                "sampler": sampler,
-                "steps": num_inference_steps,
-                "guidance_scale": guidance_scale,
-                "eta": eta,
-                "width": width,
-                "height": height,
-                "strength": strength,
-                "model": self.name,
-            }
-            for p, n, sd in zip(prompts, negatives, seeds, strict=True)
-        ]
+        records = self._records(
+            prompts,
+            negatives,
+            seeds,
+            sampler,
+            num_inference_steps,
+            guidance_scale,
+            eta,
+            (width, height),
+            strength,
+        )
         return GenerationResult(self._output(x, output_type), seeds, records)
 
     @torch.no_grad()

@@ -129,6 +129,20 @@ def _on(values: Tensor, x: Tensor) -> Tensor:
     return values.to(device=x.device, dtype=x.dtype)
 
 
+def _denoise(
+    model_fn: ModelFn,
+    x: Tensor,
+    t: Tensor,
+    sqrt_a: Tensor,
+    sqrt_1m_a: Tensor,
+    schedule: NoiseSchedule,
+    clip_range: float | None,
+) -> tuple[Tensor, Tensor]:
+    """One model call: (x0_pred, eps_pred) at x_t, with x0_pred clamped to +-clip_range if given."""
+    x0, eps = split_prediction(model_fn(x, t), x, sqrt_a, sqrt_1m_a, schedule.prediction_type)
+    return (x0 if clip_range is None else x0.clamp(-clip_range, clip_range)), eps
+
+
 # ----------------------------------------------------------------------------- samplers
 
 
@@ -175,14 +189,11 @@ def sample_ddim(
         _on(c, x_T) for c in (sqrt_a, sqrt_1m_a, sqrt_a_prev, dir_coef, sigma)
     )
     t_all = timesteps.to(x_T.device)
+    clip_range = clip_sample_range if clip_sample else None
     x = x_T
     for i in _steps(start_step, num_steps, progress, "DDIM"):
         t = t_all[i].expand(x.shape[0])  # (B,)
-        x0, eps = split_prediction(
-            model_fn(x, t), x, sqrt_a[i], sqrt_1m_a[i], schedule.prediction_type
-        )
-        if clip_sample:
-            x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+        x0, eps = _denoise(model_fn, x, t, sqrt_a[i], sqrt_1m_a[i], schedule, clip_range)
         x = sqrt_a_prev[i] * x0 + dir_coef[i] * eps  # DDIM eq. (12)
         if eta > 0:
             x = x + sigma[i] * randn_like(x, generator)
@@ -237,14 +248,11 @@ def sample_ddpm(
         _on(c, x_T) for c in (a_t.sqrt(), (1 - a_t).sqrt(), coef_x0, coef_xt, variance.sqrt())
     )
     t_all = timesteps.to(x_T.device)
+    clip_range = clip_sample_range if clip_sample else None
     x = x_T
     for i in _steps(start_step, num_steps, progress, "DDPM"):
         t = t_all[i].expand(x.shape[0])  # (B,)
-        x0, _ = split_prediction(
-            model_fn(x, t), x, sqrt_a[i], sqrt_1m_a[i], schedule.prediction_type
-        )
-        if clip_sample:
-            x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+        x0, _ = _denoise(model_fn, x, t, sqrt_a[i], sqrt_1m_a[i], schedule, clip_range)
         x = coef_x0[i] * x0 + coef_xt[i] * x  # posterior mean, DDPM eq. (7)
         if adds_noise[i]:
             x = x + std[i] * randn_like(x, generator)  # Algorithm 2, line 4
