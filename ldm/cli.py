@@ -94,6 +94,24 @@ def _generate(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _check_data(args: argparse.Namespace) -> None:
+    from ldm.data import DataConfig, scan
+    from ldm.text_encoder import build_clip_tokenizer, count_tokens
+
+    report = scan(
+        DataConfig(args.path, caption_column=args.caption_column, resolution=args.resolution)
+    )
+    print(report.to_text())
+    counts = count_tokens(build_clip_tokenizer(), [sample.caption for sample in report.samples])
+    too_long = sum(n > args.max_tokens for n in counts)
+    print(
+        f"captions over the text encoder's {args.max_tokens} tokens (truncated in training): {too_long} of {len(counts)}"
+    )
+    if args.report:
+        json_path, text_path = report.save(args.report)
+        print(f"report written to {json_path} and {text_path}")
+
+
 def _convert(args: argparse.Namespace) -> None:
     from ldm.conversion import convert
 
@@ -192,6 +210,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=sorted(DTYPES), help="(default: float16 on cuda, float32 otherwise)"
     )
     generate.set_defaults(func=_generate)
+
+    check = commands.add_parser(
+        "check-data",
+        help="check an image-caption dataset before training: bad files, sizes, long captions",
+        description="Scan an image-caption dataset as training would read it: a folder with "
+        "metadata.jsonl/metadata.csv (file_name + caption), images with same-name .txt captions, "
+        "a JSONL/CSV manifest, or a datasets save_to_disk folder. Prints which files would be "
+        "skipped (and why), which are converted, the image-size histogram, and how many captions "
+        "exceed the text encoder's token limit.",
+    )
+    check.add_argument("path", help="the dataset folder or manifest file")
+    check.add_argument("--caption-column", default="text", help="(default: text)")
+    check.add_argument(
+        "--resolution", type=int, default=64, help="training resolution (default: 64)"
+    )
+    check.add_argument(
+        "--max-tokens", type=int, default=77, help="the text encoder's limit (default: 77)"
+    )
+    check.add_argument(
+        "--report", help="also write the report to this .json file (and a .txt beside it)"
+    )
+    check.set_defaults(func=_check_data)
 
     convert = commands.add_parser(
         "convert",

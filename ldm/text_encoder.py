@@ -77,6 +77,20 @@ def clean_prompt(prompt: str) -> str:
     return whitespace_clean(basic_clean(prompt)).lower()
 
 
+def clip_encode(tokenizer: CLIPTokenizer, prompts: list[str], **kwargs) -> dict:
+    """Tokenize cleaned prompts as CLIP was trained. ``split_special_tokens``: "!!!" stays one
+    token when "!" is the pad token, as in open_clip."""
+    return tokenizer(
+        [clean_prompt(p) for p in prompts], split_special_tokens=True, verbose=False, **kwargs
+    )
+
+
+def count_tokens(tokenizer: CLIPTokenizer, prompts: list[str] | str) -> list[int]:
+    """Tokens per prompt, start and end tokens included, before truncation."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return [len(ids) for ids in clip_encode(tokenizer, prompts)["input_ids"]]
+
+
 class FrozenTextEncoder(nn.Module):
     """Prompts -> embeddings (B, L, D) for cross-attention. Frozen: in eval mode, no gradients.
 
@@ -128,15 +142,11 @@ class FrozenTextEncoder(nn.Module):
     # ------------------------------------------------------------------ tokens
 
     def _encode(self, prompts: list[str], **kwargs) -> dict:
-        # split_special_tokens: "!!!" stays one token when "!" is the pad token, as in open_clip
-        return self.tokenizer(
-            [clean_prompt(p) for p in prompts], split_special_tokens=True, verbose=False, **kwargs
-        )
+        return clip_encode(self.tokenizer, prompts, **kwargs)
 
     def count_tokens(self, prompts: list[str] | str) -> list[int]:
         """Tokens per prompt, start and end tokens included, before truncation."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return [len(ids) for ids in self._encode(prompts)["input_ids"]]
+        return count_tokens(self.tokenizer, prompts)
 
     def tokenize(self, prompts: list[str] | str) -> Tensor:
         """(B, max_length) int64 token ids: start, prompt, end, then pad tokens.

@@ -27,6 +27,7 @@ ALLOWED_IMPORTS = {
     "autoencoder": set(),
     "text_encoder": set(),
     "images": set(),
+    "data": {"images"},
     "pipeline": {
         "autoencoder",
         "config",
@@ -40,7 +41,17 @@ ALLOWED_IMPORTS = {
     "generate": {"images", "pipeline"},
     "testing": {"config", "text_encoder"},
     "benchmark": {"config", "layers", "pipeline", "testing", "unet"},
-    "cli": {"__init__", "config", "conversion", "generate", "pipeline", "schedule", "sampling"},
+    "cli": {
+        "__init__",
+        "config",
+        "conversion",
+        "data",
+        "generate",
+        "pipeline",
+        "schedule",
+        "sampling",
+        "text_encoder",
+    },
 }
 # Third-party packages a module may import, beyond torch, numpy and the standard library.
 EXTRA_PACKAGES = {
@@ -52,6 +63,7 @@ EXTRA_PACKAGES = {
     "autoencoder": {"diffusers"},
     "text_encoder": {"transformers", "open_clip", "safetensors"},
     "images": {"PIL"},
+    "data": {"PIL", "datasets"},
     "pipeline": {"PIL"},
     "testing": {"diffusers", "transformers"},
 }
