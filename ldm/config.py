@@ -244,3 +244,184 @@ class SchedulerConfig:
     def to_dict(self) -> dict[str, Any]:
         """diffusers' DDIMScheduler config, which diffusers' pipelines load."""
         return {"_class_name": "DDIMScheduler", **dataclasses.asdict(self)}
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how images become training tensors.
+
+    ``path``: a folder, manifest file or Hub name (see the module docstring). ``caption_column``
+    and ``image_column`` name the columns (``image_column`` only for ``datasets`` sources).
+    Images are resized so that the shorter side is ``resolution`` pixels, then cropped to a square,
+    at the centre or at random, and optionally flipped left-right at random.
+    """
+
+    path: str
+    caption_column: str = "text"
+    resolution: int = 64
+    center_crop: bool = True
+    random_flip: bool = False
+    image_column: str = "image"
+
+    def __post_init__(self) -> None:
+        if type(self.resolution) is not int or self.resolution <= 0:  # bool is not allowed
+            raise ValueError(f"resolution must be a positive int, got {self.resolution!r}")
+
+
+LR_SCHEDULERS = ("constant", "cosine")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainSettings:
+    """``train.*``: the optimisation. ``max_steps`` counts optimizer updates."""
+
+    max_steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    seed: int = 0
+    mixed_precision: str = "no"
+    ema_decay: float | None = 0.9999
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    caption_dropout: float = 0.1
+    prediction_type: str | None = None
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    cache_latents: bool = False
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.01
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, ", ".join(LR_SCHEDULERS)),
+            (
+                "mixed_precision",
+                self.mixed_precision in MIXED_PRECISION,
+                ", ".join(MIXED_PRECISION),
+            ),
+            ("max_steps", self.max_steps >= 1, "an integer >= 1"),
+            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
+            ("learning_rate", self.learning_rate > 0, "a number > 0"),
+            ("caption_dropout", 0 <= self.caption_dropout <= 1, "a number in [0, 1]"),
+            (
+                "ema_decay",
+                self.ema_decay is None or 0 <= self.ema_decay < 1,
+                "null or a number in [0, 1)",
+            ),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, "an integer >= 1"),
+            (
+                "prediction_type",
+                self.prediction_type in (None, "epsilon", "v_prediction"),
+                "null, epsilon, v_prediction",
+            ),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(
+                    f"train.{name}={getattr(self, name)!r} is not allowed; use {allowed}"
+                )
+
+
+@dataclass
+class ValidationSettings:
+    """``validation.*``: images from fixed prompts and seeds, saved as grids every ``every`` steps."""
+
+    prompts: list[str] = dataclasses.field(default_factory=list)
+    every: int = 500
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+
+
+@dataclass
+class TrainConfig:
+    """A training run: what to train, on which data, how, and where to write it.
+
+    ``model``: a pipeline folder to fine-tune (its U-Net trains; VAE and text encoder stay
+    frozen). Or ``unet`` (a preset name or a U-Net config.json) with ``vae`` and
+    ``text_encoder`` folders, to train a fresh U-Net.
+    """
+
+    data: DataConfig
+    model: str | None = None
+    unet: str | None = None
+    vae: str | None = None
+    text_encoder: str | None = None
+    output_dir: str = "runs/train"
+    train: TrainSettings = dataclasses.field(default_factory=TrainSettings)
+    validation: ValidationSettings = dataclasses.field(default_factory=ValidationSettings)
+
+    def __post_init__(self) -> None:
+        if self.model is None and (
+            self.unet is None or self.vae is None or self.text_encoder is None
+        ):
+            raise ValueError(
+                "say what to train: model: a pipeline folder to fine-tune, or unet (a preset or "
+                "config.json) together with vae and text_encoder folders"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+        """Read a YAML file and apply ``key.sub=value`` overrides (values are parsed as YAML)."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file at {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(
+                    f"override {item!r} is not KEY=VALUE (e.g. train.learning_rate=3e-4)"
+                )
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"override {item!r}: {part!r} is not a section")
+            node[leaf] = yaml.safe_load(value)
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    """Fill a dataclass from a dict; unknown keys are errors that name them and the allowed ones."""
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{where or 'the config'} must be a mapping of keys to values, got {data!r}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
+            f"allowed{' in ' + where.rstrip('.') if where else ''}: {', '.join(fields)}"
+        )
+    required = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing := [name for name in required if name not in data]:
+        raise ValueError(f"missing required key {', '.join(where + k for k in missing)}")
+    nested = {"data": DataConfig, "train": TrainSettings, "validation": ValidationSettings}
+    kwargs = {}
+    for key, value in data.items():
+        if cls is TrainConfig and key in nested:
+            value = _build(nested[key], value, f"{key}.")
+        kwargs[key] = value
+    return cls(**kwargs)

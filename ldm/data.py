@@ -39,7 +39,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ldm.config import DataConfig
 from ldm.images import from_pil
+
+__all__ = ["DataConfig", "DataReport", "ImageCaptionDataset", "Sample", "scan"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,28 +61,6 @@ LAYOUTS = (
     "a folder of images with same-name .txt captions (cat.png + cat.txt), a .jsonl or .csv "
     "manifest file, a folder written by datasets' save_to_disk, or a Hugging Face Hub dataset name"
 )
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how images become training tensors.
-
-    ``path``: a folder, manifest file or Hub name (see the module docstring). ``caption_column``
-    and ``image_column`` name the columns (``image_column`` only for ``datasets`` sources).
-    Images are resized so that the shorter side is ``resolution`` pixels, then cropped to a square,
-    at the centre or at random, and optionally flipped left-right at random.
-    """
-
-    path: str
-    caption_column: str = "text"
-    resolution: int = 64
-    center_crop: bool = True
-    random_flip: bool = False
-    image_column: str = "image"
-
-    def __post_init__(self) -> None:
-        if type(self.resolution) is not int or self.resolution <= 0:  # bool is not allowed
-            raise ValueError(f"resolution must be a positive int, got {self.resolution!r}")
 
 
 @dataclass(frozen=True)

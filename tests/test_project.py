@@ -27,7 +27,7 @@ ALLOWED_IMPORTS = {
     "autoencoder": set(),
     "text_encoder": set(),
     "images": set(),
-    "data": {"images"},
+    "data": {"config", "images"},
     "pipeline": {
         "autoencoder",
         "config",
@@ -64,6 +64,7 @@ EXTRA_PACKAGES = {
     "text_encoder": {"transformers", "open_clip", "safetensors"},
     "images": {"PIL"},
     "data": {"PIL", "datasets"},
+    "config": {"yaml"},
     "pipeline": {"PIL"},
     "testing": {"diffusers", "transformers"},
 }
