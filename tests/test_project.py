@@ -20,6 +20,7 @@ ALLOWED_IMPORTS = {
     "attention": {"layers"},
     "sampling": {"schedule"},
     "losses": {"schedule"},
+    "checkpoint": set(),
     "unet": {"attention", "config", "layers"},
     "analytic": {"schedule", "sampling"},
     "convert": {"autoencoder", "config", "text_encoder", "unet"},
