@@ -112,6 +112,14 @@ def _check_data(args: argparse.Namespace) -> None:
         print(f"report written to {json_path} and {text_path}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from ldm.config import TrainConfig
+    from ldm.training import train
+
+    config = TrainConfig.from_yaml(args.config, args.set)
+    print(train(config, resume=args.resume))
+
+
 def _convert(args: argparse.Namespace) -> None:
     from ldm.conversion import convert
 
@@ -210,6 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=sorted(DTYPES), help="(default: float16 on cuda, float32 otherwise)"
     )
     generate.set_defaults(func=_generate)
+
+    train = commands.add_parser(
+        "train",
+        help="train or fine-tune a U-Net on image-caption data (Accelerate)",
+        description="Train the U-Net of a latent diffusion model from a YAML config (see "
+        "configs/finetune.yaml). Checkpoints go to OUTPUT_DIR/checkpoints, logs to "
+        "OUTPUT_DIR/log.jsonl, the data report to OUTPUT_DIR/data_report.json, and the final "
+        "pipeline to OUTPUT_DIR/model. Runs under `accelerate launch` for several processes.",
+    )
+    train.add_argument("config", help="a YAML training config")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.max_steps=200 (repeatable)",
+    )
+    train.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
+    train.set_defaults(func=_train)
 
     check = commands.add_parser(
         "check-data",

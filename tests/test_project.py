@@ -21,6 +21,17 @@ ALLOWED_IMPORTS = {
     "sampling": {"schedule"},
     "losses": {"schedule"},
     "checkpoint": set(),
+    "training": {
+        "checkpoint",
+        "config",
+        "data",
+        "images",
+        "losses",
+        "pipeline",
+        "unet",
+        "autoencoder",
+        "text_encoder",
+    },
     "unet": {"attention", "config", "layers"},
     "analytic": {"schedule", "sampling"},
     "convert": {"autoencoder", "config", "text_encoder", "unet"},
@@ -52,6 +63,7 @@ ALLOWED_IMPORTS = {
         "schedule",
         "sampling",
         "text_encoder",
+        "training",
     },
 }
 # Third-party packages a module may import, beyond torch, numpy and the standard library.
@@ -66,6 +78,7 @@ EXTRA_PACKAGES = {
     "images": {"PIL"},
     "data": {"PIL", "datasets"},
     "config": {"yaml"},
+    "training": {"accelerate", "tqdm"},
     "pipeline": {"PIL"},
     "testing": {"diffusers", "transformers"},
 }

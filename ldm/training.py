@@ -1,0 +1,342 @@
+"""Training and fine-tuning with Accelerate: the only module that imports accelerate.
+
+    ldm train CONFIG.yaml [--set key=value ...] [--resume latest|PATH]
+
+The loop, in numbered sections: (1) models, (2) data, (3) optimizer and schedule, (4) resume,
+(5) steps, (6) export. Every random draw (data order, caption dropout, VAE posterior samples,
+noise and timesteps) comes from generators whose states are checkpointed, so a run that is
+killed and resumed ends with the same weights as one that was not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from ldm.checkpoint import EMA, resolve_resume, save_checkpoint
+from ldm.config import SchedulerConfig, TrainConfig, UNetConfig
+from ldm.data import ImageCaptionDataset, scan
+from ldm.images import make_grid
+from ldm.losses import diffusion_loss, loss_by_timestep_bucket
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.unet import UNet
+
+logger = logging.getLogger(__name__)
+
+MAX_NONFINITE_IN_A_ROW = 10
+
+
+@dataclass
+class TrainingState:
+    """What besides weights and optimizer a resumed run needs: where it is, and its generators."""
+
+    step: int
+    epoch: int
+    position: int  # batches of this process already taken from the current epoch
+    generator: torch.Generator  # caption dropout, VAE posterior samples, noise, timesteps
+    data_generator: torch.Generator  # random crops and flips
+    nonfinite_skipped: int = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "generator": self.generator.get_state(),
+            "data_generator": self.data_generator.get_state(),
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.generator.set_state(state["generator"])
+        self.data_generator.set_state(state["data_generator"])
+        self.nonfinite_skipped = state["nonfinite_skipped"]
+
+
+def _load_models(config: TrainConfig) -> LatentDiffusionPipeline:
+    if config.model is not None:
+        pipe = LatentDiffusionPipeline.from_pretrained(config.model)
+    else:
+        from ldm.autoencoder import FrozenVAE
+        from ldm.text_encoder import FrozenTextEncoder
+
+        unet_config = (
+            UNetConfig.from_json(config.unet)
+            if config.unet.endswith(".json")
+            else UNetConfig.preset(config.unet)
+        )
+        pipe = LatentDiffusionPipeline(
+            UNet(unet_config),
+            FrozenVAE.from_pretrained(config.vae),
+            FrozenTextEncoder.from_pretrained(config.text_encoder),
+        )
+    if (
+        config.train.prediction_type is not None
+        and config.train.prediction_type != pipe.scheduler.prediction_type
+    ):
+        scheduler = SchedulerConfig(
+            **{**pipe.scheduler.__dict__, "prediction_type": config.train.prediction_type}
+        )
+        pipe = LatentDiffusionPipeline(
+            pipe.unet, pipe.vae, pipe.text_encoder, scheduler, name=pipe.name
+        )
+    return pipe
+
+
+def _lr_lambda(config: TrainConfig):
+    t = config.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _epoch_batches(
+    n: int, epoch: int, seed: int, batch: int, rank: int, world: int
+) -> list[list[int]]:
+    """This process's batches of an epoch: a seeded permutation, cut to whole global batches."""
+    order = torch.randperm(
+        n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+    ).tolist()
+    per_step = batch * world
+    usable = (n // per_step) * per_step or n  # a dataset smaller than one global batch still trains
+    order = order[:usable]
+    mine = order[rank::world]
+    return [mine[i : i + batch] for i in range(0, len(mine), batch)]
+
+
+def train(config: TrainConfig, *, resume: str | None = None) -> Path:
+    """Run a training job; returns the folder of the exported pipeline."""
+    t = config.train
+    out = Path(config.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision
+    )
+    main = accelerator.is_main_process
+
+    # 1. Models: the U-Net trains; the VAE and text encoder stay frozen.
+    pipe = _load_models(config)
+    unet = pipe.unet.train().requires_grad_(True)
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    pipe.vae.to(accelerator.device)
+    pipe.text_encoder.to(accelerator.device)
+
+    # 2. Data: every sample checked up front; the report lists what was skipped or converted.
+    report = scan(config.data)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        report.save(out / "data_report.json")
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    data_generator = torch.Generator().manual_seed(t.seed * 7919 + 1 + accelerator.process_index)
+    dataset = ImageCaptionDataset(config.data, report.samples, generator=data_generator)
+
+    # 3. Optimizer and learning-rate schedule.
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay
+    )
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    # The schedule is stepped once per optimizer update by us, not by Accelerate (which would step
+    # it once per process), and checkpointed as a registered object.
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema = EMA(accelerator.unwrap_model(unet).parameters(), t.ema_decay) if t.ema_decay else None
+    generator = torch.Generator().manual_seed(t.seed * 7919 + accelerator.process_index)
+    state = TrainingState(0, 0, 0, generator, data_generator)
+    accelerator.register_for_checkpointing(state, lr_schedule)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    # 4. Resume: a checkpoint that cannot be read is an error, never a silent restart.
+    checkpoint = resolve_resume(out / "checkpoints", resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        logger.info("resumed from %s at step %d", checkpoint, state.step)
+
+    def write_checkpoint(folder: Path) -> None:
+        accelerator.save_state(str(folder))
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):  # SIGINT/SIGTERM: checkpoint after this step, then exit
+        stop["signal"] = signum
+
+    previous = (
+        {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    )
+
+    # 5. Steps.
+    log_file = open(out / "log.jsonl", "a", encoding="utf-8") if main else None
+    bar = tqdm(total=t.max_steps, initial=state.step, desc="training", disable=not main)
+    started, nonfinite_in_a_row = time.perf_counter(), 0
+    try:
+        while state.step < t.max_steps and stop["signal"] is None:
+            batches = _epoch_batches(
+                len(dataset),
+                state.epoch,
+                t.seed,
+                t.batch_size,
+                accelerator.process_index,
+                accelerator.num_processes,
+            )
+            if state.position >= len(batches):
+                state.epoch, state.position = state.epoch + 1, 0
+                continue
+            items = [dataset[i] for i in batches[state.position]]
+            state.position += 1
+            pixels = torch.stack([item["pixels"] for item in items]).to(
+                accelerator.device
+            )  # (B, 3, R, R)
+            drop = torch.rand(len(items), generator=state.generator) < t.caption_dropout
+            captions = [
+                "" if d else item["caption"] for d, item in zip(drop.tolist(), items, strict=True)
+            ]
+            with accelerator.accumulate(unet):
+                x0 = pipe.vae.encode(
+                    pixels, generator=state.generator, sample=True
+                ).float()  # (B, C, h, w)
+                context = pipe.text_encoder(captions).float()  # (B, L, D)
+                result = diffusion_loss(
+                    unet,
+                    pipe.schedule,
+                    x0,
+                    context,
+                    generator=state.generator,
+                    min_snr_gamma=t.min_snr_gamma,
+                    noise_offset=t.noise_offset,
+                )
+                finite = (
+                    accelerator.gather(torch.isfinite(result.loss).reshape(1).float()).min() > 0
+                )
+                if finite:
+                    accelerator.backward(result.loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not finite:  # skipped on every process together
+                state.nonfinite_skipped += 1
+                nonfinite_in_a_row += 1
+                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise FloatingPointError(
+                        f"{nonfinite_in_a_row} non-finite losses in a row at step {state.step}; stopped. "
+                        "The last good checkpoint is intact: lower train.learning_rate, or use "
+                        "mixed_precision 'bf16' or 'no', and resume with --resume latest"
+                    )
+                continue
+            nonfinite_in_a_row = 0
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(unet).parameters())
+            loss = accelerator.gather(result.loss.detach().reshape(1)).mean().item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if log_file is not None:
+                record = {
+                    "step": state.step,
+                    "loss": loss,
+                    "lr": lr_schedule.get_last_lr()[0],
+                    "elapsed_s": round(time.perf_counter() - started, 3),
+                    "nonfinite_skipped": state.nonfinite_skipped,
+                    "loss_by_t": loss_by_timestep_bucket(
+                        result.per_sample, result.t, pipe.schedule.num_train_timesteps
+                    ),
+                }
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if (
+                state.step % t.checkpoint_every == 0
+                or state.step == t.max_steps
+                or stop["signal"] is not None
+            ):
+                accelerator.wait_for_everyone()
+                if main:
+                    save_checkpoint(
+                        out / "checkpoints", state.step, write_checkpoint, keep=t.keep_checkpoints
+                    )
+            if config.validation.prompts and state.step % config.validation.every == 0 and main:
+                _validate(
+                    pipe,
+                    accelerator.unwrap_model(unet),
+                    ema,
+                    config,
+                    out / "validation" / f"step-{state.step}.png",
+                )
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stop["signal"] is not None:
+        logger.warning(
+            "stopped by signal %d at step %d; resume with --resume latest",
+            stop["signal"],
+            state.step,
+        )
+        return out / "checkpoints"
+
+    # 6. Export the EMA weights (or the raw ones) as a pipeline folder.
+    accelerator.wait_for_everyone()
+    final = out / "model"
+    if main:
+        trained = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(trained.parameters())
+        LatentDiffusionPipeline(
+            trained.eval(), pipe.vae, pipe.text_encoder, pipe.scheduler, name=out.name
+        ).save_pretrained(final)
+    return final
+
+
+@torch.no_grad()
+def _validate(
+    pipe: LatentDiffusionPipeline, unet: UNet, ema: EMA | None, config: TrainConfig, path: Path
+) -> None:
+    """Images from the fixed validation prompts and seeds, with the EMA weights, as one grid."""
+    v = config.validation
+    backup = [p.detach().clone() for p in unet.parameters()] if ema is not None else None
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    unet.eval()
+    try:
+        viewer = LatentDiffusionPipeline(
+            unet, pipe.vae, pipe.text_encoder, pipe.scheduler, name=pipe.name
+        )
+        images = []
+        for prompt in v.prompts:
+            result = viewer(
+                prompt,
+                num_images_per_prompt=len(v.seeds),
+                seed=v.seeds,
+                num_inference_steps=v.num_inference_steps,
+                guidance_scale=v.guidance_scale,
+                progress=False,
+            )
+            images += result.images
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(images, cols=len(v.seeds)).save(path)
+    finally:
+        if backup is not None:
+            for p, b in zip(unet.parameters(), backup, strict=True):
+                p.copy_(b)
+        unet.train().requires_grad_(True)  # the pipeline froze it for inference

@@ -1,0 +1,207 @@
+"""`ldm train` on tiny components: it learns, survives bad data, and resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from ldm.config import TrainConfig
+from ldm.losses import diffusion_loss
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.testing import save_tiny_stable_diffusion
+from ldm.training import train
+
+COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0), "yellow": (255, 255, 0)}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny") / "tiny-sd", perturb=0.05)
+
+
+def colour_dataset(folder, bad=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (32, 32), rgb).save(folder / f"{name}.png")
+        rows.append({"file_name": f"{name}.png", "text": f"a {name} image"})
+    if bad:
+        (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
+        (folder / "empty.png").write_bytes(b"")
+        Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(folder / "clear.png")
+        rows += [
+            {"file_name": "corrupt.png", "text": "x"},
+            {"file_name": "empty.png", "text": "x"},
+            {"file_name": "missing.png", "text": "x"},
+            {"file_name": "blue.png", "text": "   "},
+            {"file_name": "clear.png", "text": "a white image"},
+        ]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def config(model, data, out, **train):
+    settings = {
+        "max_steps": 6,
+        "batch_size": 2,
+        "checkpoint_every": 2,
+        "learning_rate": 1e-3,
+        "ema_decay": 0.9,
+    }
+    return TrainConfig.from_dict(
+        {
+            "model": str(model),
+            "output_dir": str(out),
+            "data": {"path": str(data), "resolution": 32},
+            "train": settings | train,
+        }
+    )
+
+
+def eval_loss(pipe, unet, data):
+    """The loss on fixed images, noise and timesteps: comparable before and after training."""
+    pixels = torch.stack(
+        [
+            torch.tensor(np.asarray(Image.open(data / f"{n}.png")), dtype=torch.float32).permute(
+                2, 0, 1
+            )
+            / 127.5
+            - 1
+            for n in COLOURS
+        ]
+    )
+    x0 = pipe.vae.encode(pixels)
+    context = pipe.text_encoder([f"a {n} image" for n in COLOURS])
+    with torch.no_grad():
+        losses = [
+            diffusion_loss(
+                unet, pipe.schedule, x0, context, generator=torch.Generator().manual_seed(s)
+            ).loss.item()
+            for s in range(8)
+        ]
+    return float(np.mean(losses))
+
+
+def test_loss_falls_on_data_the_model_can_memorise(model, tmp_path):
+    data = colour_dataset(tmp_path / "data")
+    before = LatentDiffusionPipeline.from_pretrained(model)
+    out = train(
+        config(
+            model,
+            data,
+            tmp_path / "run",
+            max_steps=40,
+            ema_decay=None,
+            checkpoint_every=100,
+            caption_dropout=0.0,
+        )
+    )
+    after = LatentDiffusionPipeline.from_pretrained(out)
+    first, last = eval_loss(before, before.unet, data), eval_loss(after, after.unet, data)
+    assert last < 0.7 * first, (first, last)  # measured: about 1.0 -> 0.3
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 41)) and all(
+        np.isfinite(r["loss"]) for r in log
+    )
+
+
+def test_fine_tune_on_bad_data_reports_exactly_the_bad_files_and_exports(model, tmp_path):
+    data = colour_dataset(tmp_path / "data", bad=True)
+    out = train(config(model, data, tmp_path / "run"))
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    skipped = {entry["sample"]: entry["reason"] for entry in report["skipped"]}
+    assert set(skipped) == {"corrupt.png", "empty.png", "missing.png", "blue.png"}
+    assert "empty file" in skipped["empty.png"] and "file not found" in skipped["missing.png"]
+    assert [c["sample"] for c in report["converted"]] == ["clear.png"]
+    assert report["used"] == 5 and report["total"] == 9
+    assert (
+        sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+        == ["checkpoint-2", "checkpoint-4", "checkpoint-6"][-3:]
+    )
+    saved = TrainConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
+    assert saved.train.max_steps == 6  # the resolved config is kept with the run
+    ours = LatentDiffusionPipeline.from_pretrained(out)
+    image = ours(
+        "a red image", num_inference_steps=4, seed=0, output_type="np", progress=False
+    ).images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    reference = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    reference.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = reference(
+        "a red image", latents=latents, num_inference_steps=4, output_type="np"
+    ).images
+    got = ours(
+        "a red image", latents=latents, num_inference_steps=4, output_type="np", progress=False
+    ).images
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1 / 255 + 1e-6)
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_with_the_same_weights(model, tmp_path):
+    data = colour_dataset(tmp_path / "data")
+    steps = {
+        "max_steps": 24,
+        "checkpoint_every": 4,
+        "keep_checkpoints": 2,
+        "lr_scheduler": "cosine",
+        "warmup_steps": 3,
+        "caption_dropout": 0.5,
+    }
+    train(config(model, data, tmp_path / "straight", **steps))
+    # the same run in a process that is killed with SIGKILL once a checkpoint exists
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(
+        json.dumps(config(model, data, tmp_path / "killed", **steps).to_dict())
+    )  # JSON is YAML
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ldm.cli", "train", str(yaml_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while (
+        not (tmp_path / "killed" / "checkpoints" / "checkpoint-8").exists()
+        and time.time() < deadline
+        and process.poll() is None
+    ):
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "model").exists()
+    train(TrainConfig.from_dict(json.loads(yaml_path.read_text())), resume="latest")
+    a = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-24" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "checkpoints" / "checkpoint-24" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ema_a = load_file(
+        tmp_path / "straight" / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    )
+    ema_b = load_file(
+        tmp_path / "killed" / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    )
+    assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
+    log = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()
+    ]
+    assert log[-1] == 24
+
+
+def test_resume_from_a_missing_checkpoint_is_an_error(model, tmp_path):
+    data = colour_dataset(tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder at"):
+        train(
+            config(model, data, tmp_path / "run"),
+            resume=str(tmp_path / "run" / "checkpoints" / "checkpoint-9"),
+        )
