@@ -79,6 +79,32 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def begin_checkpoint(folder: str | Path, step: int) -> Path:
+    """A fresh temporary folder for ``checkpoint-{step}`` (cleared if an earlier crash left one)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-checkpoint-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(folder: str | Path, step: int, *, keep: int) -> Path:
+    """Rename the complete temporary folder to ``checkpoint-{step}``, then keep the last ``keep``."""
+    if keep < 1:
+        raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
+    folder = Path(folder)
+    final, tmp = folder / f"checkpoint-{step}", folder / f".tmp-checkpoint-{step}"
+    if final.exists():  # the same step saved again (e.g. on SIGTERM right after a save)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in checkpoints(folder)[:-keep]:
+        shutil.rmtree(old)
+        logger.info("removed old checkpoint %s", old)
+    return final
+
+
 def save_checkpoint(
     folder: str | Path, step: int, write: Callable[[Path], None], *, keep: int
 ) -> Path:
@@ -87,24 +113,13 @@ def save_checkpoint(
     raised, and the existing checkpoints are untouched."""
     if keep < 1:
         raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    final, tmp = folder / f"checkpoint-{step}", folder / f".tmp-checkpoint-{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an earlier crash
-    tmp.mkdir()
+    tmp = begin_checkpoint(folder, step)
     try:
         write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():  # the same step saved again (e.g. on SIGTERM right after a save)
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in checkpoints(folder)[:-keep]:
-        shutil.rmtree(old)
-        logger.info("removed old checkpoint %s", old)
-    return final
+    return commit_checkpoint(folder, step, keep=keep)
 
 
 def resolve_resume(folder: str | Path, resume: str | None) -> Path | None:

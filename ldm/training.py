@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import EMA, resolve_resume, save_checkpoint
+from ldm.checkpoint import EMA, begin_checkpoint, commit_checkpoint, resolve_resume
 from ldm.config import SchedulerConfig, TrainConfig, UNetConfig
 from ldm.data import ImageCaptionDataset, scan
 from ldm.images import make_grid
@@ -124,6 +124,11 @@ def _epoch_batches(
 def train(config: TrainConfig, *, resume: str | None = None) -> Path:
     """Run a training job; returns the folder of the exported pipeline."""
     t = config.train
+    if t.cache_latents:
+        raise ValueError(
+            "train.cache_latents=true is not available in this version: latent and text-embedding "
+            "caching is not implemented yet; set it to false"
+        )
     out = Path(config.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision
@@ -153,23 +158,42 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
     )
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     # The schedule is stepped once per optimizer update by us, not by Accelerate (which would step
-    # it once per process), and checkpointed as a registered object.
+    # it once per process), and checkpointed as a registered object. Accelerate saves registered
+    # objects from the main process only, so each process saves its own TrainingState.
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema = EMA(accelerator.unwrap_model(unet).parameters(), t.ema_decay) if t.ema_decay else None
     generator = torch.Generator().manual_seed(t.seed * 7919 + accelerator.process_index)
     state = TrainingState(0, 0, 0, generator, data_generator)
-    accelerator.register_for_checkpointing(state, lr_schedule)
+    accelerator.register_for_checkpointing(lr_schedule)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
     # 4. Resume: a checkpoint that cannot be read is an error, never a silent restart.
     checkpoint = resolve_resume(out / "checkpoints", resume)
     if checkpoint is not None:
+        own_state = checkpoint / f"training_state_{accelerator.process_index}.pt"
+        if not own_state.is_file():
+            raise ValueError(
+                f"{checkpoint} has no {own_state.name}: it is incomplete, or was written by a run "
+                "with fewer processes; resume with the same number of processes"
+            )
         accelerator.load_state(str(checkpoint))
+        state.load_state_dict(torch.load(own_state, weights_only=True))
         logger.info("resumed from %s at step %d", checkpoint, state.step)
 
-    def write_checkpoint(folder: Path) -> None:
-        accelerator.save_state(str(folder))
+    def write_checkpoint() -> None:
+        """Every process writes its part into a temporary folder; the main process then
+        renames it, so a crash mid-write never leaves a broken latest checkpoint."""
+        folder = out / "checkpoints"
+        if main:
+            begin_checkpoint(folder, state.step)
+        accelerator.wait_for_everyone()
+        tmp = folder / f".tmp-checkpoint-{state.step}"
+        accelerator.save_state(str(tmp))
+        torch.save(state.state_dict(), tmp / f"training_state_{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if main:
+            commit_checkpoint(folder, state.step, keep=t.keep_checkpoints)
 
     stop = {"signal": None}
 
@@ -268,11 +292,7 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
                 or state.step == t.max_steps
                 or stop["signal"] is not None
             ):
-                accelerator.wait_for_everyone()
-                if main:
-                    save_checkpoint(
-                        out / "checkpoints", state.step, write_checkpoint, keep=t.keep_checkpoints
-                    )
+                write_checkpoint()
             if config.validation.prompts and state.step % config.validation.every == 0 and main:
                 _validate(
                     pipe,

@@ -205,3 +205,48 @@ def test_resume_from_a_missing_checkpoint_is_an_error(model, tmp_path):
             config(model, data, tmp_path / "run"),
             resume=str(tmp_path / "run" / "checkpoints" / "checkpoint-9"),
         )
+
+
+def test_unavailable_options_are_refused_not_ignored(model, tmp_path):
+    data = colour_dataset(tmp_path / "data")
+    with pytest.raises(ValueError, match="cache_latents=true is not available in this version"):
+        train(config(model, data, tmp_path / "run", cache_latents=True))
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_with_accelerate_launch(model, tmp_path):
+    data = colour_dataset(tmp_path / "data")
+    run = config(model, data, tmp_path / "run", max_steps=4, batch_size=1, checkpoint_every=2)
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(json.dumps(run.to_dict()))
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "train.py")
+    # on a machine without GPUs, `accelerate launch --cpu` starts one process (several need MPI);
+    # ACCELERATE_USE_CPU=1 with --multi_gpu starts real processes that talk over gloo
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+    ]
+    launch += [script, str(yaml_path)]
+    env = os.environ | {"ACCELERATE_USE_CPU": "1"}
+    run_args = dict(check=True, capture_output=True, timeout=300, env=env)
+    subprocess.run([*launch, "--set", "train.max_steps=2"], **run_args)
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "training_state_0.pt").is_file() and (
+        checkpoint / "training_state_1.pt"
+    ).is_file()
+    states = [torch.load(checkpoint / f"training_state_{r}.pt", weights_only=True) for r in (0, 1)]
+    assert states[0]["step"] == states[1]["step"] == 2
+    assert not torch.equal(
+        states[0]["generator"], states[1]["generator"]
+    )  # each process its own draws
+    subprocess.run([*launch, "--resume", "latest"], **run_args)
+    log = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    ]
+    assert log == [1, 2, 3, 4]  # one writer; the second run continued from step 2
+    assert (tmp_path / "run" / "model" / "model_index.json").is_file()
