@@ -250,3 +250,59 @@ def test_two_process_cpu_run_with_accelerate_launch(model, tmp_path):
     ]
     assert log == [1, 2, 3, 4]  # one writer; the second run continued from step 2
     assert (tmp_path / "run" / "model" / "model_index.json").is_file()
+
+
+def test_non_finite_losses_are_skipped_and_too_many_stop_the_run(model, tmp_path, monkeypatch):
+    import ldm.training as training
+
+    data = colour_dataset(tmp_path / "data")
+    real = training.diffusion_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if calls["n"] in bad_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(training, "diffusion_loss", sometimes_nan)
+    bad_calls = {2, 3}
+    train(config(model, data, tmp_path / "run", max_steps=4, checkpoint_every=2))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and log[-1]["nonfinite_skipped"] == 2
+    assert all(np.isfinite(r["loss"]) for r in log)
+    # ten in a row: a clear stop, and the last good checkpoint intact
+    calls["n"], bad_calls = 0, set(range(5, 100))
+    with pytest.raises(
+        FloatingPointError, match="10 non-finite losses in a row at step 4; stopped"
+    ):
+        train(config(model, data, tmp_path / "run2", max_steps=8, checkpoint_every=2))
+    assert sorted(p.name for p in (tmp_path / "run2" / "checkpoints").iterdir()) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_before_exiting(model, tmp_path):
+    data = colour_dataset(tmp_path / "data")
+    yaml_path = tmp_path / "run.yaml"
+    run = config(model, data, tmp_path / "run", max_steps=10_000, checkpoint_every=10_000)
+    yaml_path.write_text(json.dumps(run.to_dict()))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ldm.cli", "train", str(yaml_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
+    last_step = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [
+        f"checkpoint-{last_step}"
+    ]
+    assert not (tmp_path / "run" / "model").exists()  # stopped, not finished
