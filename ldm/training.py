@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from ldm.cache import encode_dataset, fingerprint
 from ldm.checkpoint import EMA, begin_checkpoint, commit_checkpoint, resolve_resume
 from ldm.config import SchedulerConfig, TrainConfig, UNetConfig
 from ldm.data import ImageCaptionDataset, scan
@@ -124,10 +125,10 @@ def _epoch_batches(
 def train(config: TrainConfig, *, resume: str | None = None) -> Path:
     """Run a training job; returns the folder of the exported pipeline."""
     t = config.train
-    if t.cache_latents:
+    if t.cache_latents and (not config.data.center_crop or config.data.random_flip):
         raise ValueError(
-            "train.cache_latents=true is not available in this version: latent and text-embedding "
-            "caching is not implemented yet; set it to false"
+            "train.cache_latents=true needs data.center_crop: true and data.random_flip: false: "
+            "cached latents are of one fixed crop"
         )
     out = Path(config.output_dir)
     accelerator = Accelerator(
@@ -151,6 +152,14 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     data_generator = torch.Generator().manual_seed(t.seed * 7919 + 1 + accelerator.process_index)
     dataset = ImageCaptionDataset(config.data, report.samples, generator=data_generator)
+
+    encoded = None
+    if t.cache_latents:  # encode once; later epochs read the frozen encoders' outputs from disk
+        key = fingerprint(pipe.vae, pipe.text_encoder, report.samples, config.data)
+        if main:
+            encode_dataset(pipe.vae, pipe.text_encoder, dataset, out / "cache", key)
+        accelerator.wait_for_everyone()
+        encoded = encode_dataset(pipe.vae, pipe.text_encoder, dataset, out / "cache", key)
 
     # 3. Optimizer and learning-rate schedule.
     optimizer = torch.optim.AdamW(
@@ -221,20 +230,30 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
             if state.position >= len(batches):
                 state.epoch, state.position = state.epoch + 1, 0
                 continue
-            items = [dataset[i] for i in batches[state.position]]
+            indices = batches[state.position]
             state.position += 1
-            pixels = torch.stack([item["pixels"] for item in items]).to(
-                accelerator.device
-            )  # (B, 3, R, R)
-            drop = torch.rand(len(items), generator=state.generator) < t.caption_dropout
-            captions = [
-                "" if d else item["caption"] for d, item in zip(drop.tolist(), items, strict=True)
-            ]
-            with accelerator.accumulate(unet):
+            drop = torch.rand(len(indices), generator=state.generator) < t.caption_dropout  # (B,)
+            if encoded is not None:
+                mean, std = encoded.means[indices], encoded.stds[indices]  # (B, C, h, w)
+                noise = torch.randn(mean.shape, generator=state.generator)
+                x0 = (mean + std * noise).to(
+                    accelerator.device
+                )  # a posterior sample, as encode gives
+                context = torch.where(
+                    drop[:, None, None], encoded.empty_context, encoded.contexts[indices]
+                )
+                context = context.to(accelerator.device)  # (B, L, D)
+            else:
+                items = [dataset[i] for i in indices]
+                pixels = torch.stack([item["pixels"] for item in items]).to(accelerator.device)
+                captions = [
+                    "" if d else it["caption"] for d, it in zip(drop.tolist(), items, strict=True)
+                ]
                 x0 = pipe.vae.encode(
                     pixels, generator=state.generator, sample=True
                 ).float()  # (B, C, h, w)
                 context = pipe.text_encoder(captions).float()  # (B, L, D)
+            with accelerator.accumulate(unet):
                 result = diffusion_loss(
                     unet,
                     pipe.schedule,

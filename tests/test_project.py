@@ -21,7 +21,9 @@ ALLOWED_IMPORTS = {
     "sampling": {"schedule"},
     "losses": {"schedule"},
     "checkpoint": set(),
+    "cache": {"config"},
     "training": {
+        "cache",
         "checkpoint",
         "config",
         "data",
@@ -79,6 +81,7 @@ EXTRA_PACKAGES = {
     "data": {"PIL", "datasets"},
     "config": {"yaml"},
     "training": {"accelerate", "tqdm"},
+    "cache": {"safetensors"},
     "pipeline": {"PIL"},
     "testing": {"diffusers", "transformers"},
 }

@@ -207,49 +207,50 @@ def test_resume_from_a_missing_checkpoint_is_an_error(model, tmp_path):
         )
 
 
-def test_unavailable_options_are_refused_not_ignored(model, tmp_path):
-    data = colour_dataset(tmp_path / "data")
-    with pytest.raises(ValueError, match="cache_latents=true is not available in this version"):
-        train(config(model, data, tmp_path / "run", cache_latents=True))
+def test_latent_and_text_cache_is_built_once_reused_and_invalidated(model, tmp_path, monkeypatch):
+    from ldm.autoencoder import FrozenVAE
 
-
-@pytest.mark.slow
-def test_two_process_cpu_run_with_accelerate_launch(model, tmp_path):
     data = colour_dataset(tmp_path / "data")
-    run = config(model, data, tmp_path / "run", max_steps=4, batch_size=1, checkpoint_every=2)
-    yaml_path = tmp_path / "run.yaml"
-    yaml_path.write_text(json.dumps(run.to_dict()))
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "train.py")
-    # on a machine without GPUs, `accelerate launch --cpu` starts one process (several need MPI);
-    # ACCELERATE_USE_CPU=1 with --multi_gpu starts real processes that talk over gloo
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-    ]
-    launch += [script, str(yaml_path)]
-    env = os.environ | {"ACCELERATE_USE_CPU": "1"}
-    run_args = dict(check=True, capture_output=True, timeout=300, env=env)
-    subprocess.run([*launch, "--set", "train.max_steps=2"], **run_args)
-    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
-    assert (checkpoint / "training_state_0.pt").is_file() and (
-        checkpoint / "training_state_1.pt"
-    ).is_file()
-    states = [torch.load(checkpoint / f"training_state_{r}.pt", weights_only=True) for r in (0, 1)]
-    assert states[0]["step"] == states[1]["step"] == 2
-    assert not torch.equal(
-        states[0]["generator"], states[1]["generator"]
-    )  # each process its own draws
-    subprocess.run([*launch, "--resume", "latest"], **run_args)
-    log = [
-        json.loads(line)["step"]
-        for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
-    ]
-    assert log == [1, 2, 3, 4]  # one writer; the second run continued from step 2
-    assert (tmp_path / "run" / "model" / "model_index.json").is_file()
+    with pytest.raises(
+        ValueError,
+        match=r"cache_latents=true needs data\.center_crop: true and data\.random_flip: false",
+    ):
+        train(
+            TrainConfig.from_dict(
+                config(model, data, tmp_path / "x", cache_latents=True).to_dict()
+                | {"data": {"path": str(data), "random_flip": True}}
+            )
+        )
+    calls = {"encode": 0}
+    real = FrozenVAE.encode_distribution
+
+    def counting(self, images):
+        calls["encode"] += 1
+        return real(self, images)
+
+    monkeypatch.setattr(FrozenVAE, "encode_distribution", counting)
+    train(config(model, data, tmp_path / "run", cache_latents=True, max_steps=4))
+    caches = sorted((tmp_path / "run" / "cache").glob("encoded-*.safetensors"))
+    assert len(caches) == 1 and calls["encode"] == 1  # one batch of 4 samples, encoded once
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(np.isfinite(r["loss"]) for r in log)
+    cached = load_file(caches[0])
+    assert cached["means"].shape == (4, 4, 16, 16) and cached["contexts"].shape == (4, 77, 32)
+    assert cached["empty_context"].shape == (1, 77, 32)
+    # a second run with the same inputs reads the cache: the VAE is not called again
+    train(
+        config(model, data, tmp_path / "run", cache_latents=True, max_steps=2, checkpoint_every=100)
+    )
+    assert calls["encode"] == 1
+    # a changed image is a different dataset: a new cache
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(data / "red.png")
+    train(
+        config(model, data, tmp_path / "run", cache_latents=True, max_steps=2, checkpoint_every=100)
+    )
+    assert (
+        calls["encode"] == 2
+        and len(list((tmp_path / "run" / "cache").glob("encoded-*.safetensors"))) == 2
+    )
 
 
 def test_non_finite_losses_are_skipped_and_too_many_stop_the_run(model, tmp_path, monkeypatch):
