@@ -98,9 +98,13 @@ def _check_data(args: argparse.Namespace) -> None:
     from ldm.data import DataConfig, scan
     from ldm.text_encoder import build_clip_tokenizer, count_tokens
 
-    report = scan(
-        DataConfig(args.path, caption_column=args.caption_column, resolution=args.resolution)
-    )
+    if args.path.endswith((".yaml", ".yml")):  # a training config: check its data section
+        from ldm.config import TrainConfig
+
+        data = TrainConfig.from_yaml(args.path).data
+    else:
+        data = DataConfig(args.path, caption_column=args.caption_column, resolution=args.resolution)
+    report = scan(data)
     print(report.to_text())
     counts = count_tokens(build_clip_tokenizer(), [sample.caption for sample in report.samples])
     too_long = sum(n > args.max_tokens for n in counts)
@@ -247,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
         "skipped (and why), which are converted, the image-size histogram, and how many captions "
         "exceed the text encoder's token limit.",
     )
-    check.add_argument("path", help="the dataset folder or manifest file")
+    check.add_argument(
+        "path", help="a training config (.yaml), or the dataset folder or manifest file"
+    )
     check.add_argument("--caption-column", default="text", help="(default: text)")
     check.add_argument(
         "--resolution", type=int, default=64, help="training resolution (default: 64)"

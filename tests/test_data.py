@@ -416,5 +416,9 @@ def test_check_data_command_prints_the_report_and_long_captions(tmp_path, capsys
     assert json.loads((tmp_path / "report.json").read_text())["skipped"] == [
         {"sample": "bad.png", "reason": "not an image (PIL cannot identify the format)"}
     ]
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: m\ndata:\n  path: {tmp_path}\n  resolution: 32\n")
+    assert main(["check-data", str(config)]) == 0
+    assert "(resolution 32)" in capsys.readouterr().out
     assert main(["check-data", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
+from test_data import EXPECTED_SKIPPED, messy  # noqa: F401  (messy is a fixture)
 
 from ldm.config import TrainConfig
 from ldm.losses import diffusion_loss
@@ -307,3 +308,28 @@ def test_sigterm_saves_a_checkpoint_before_exiting(model, tmp_path):
         f"checkpoint-{last_step}"
     ]
     assert not (tmp_path / "run" / "model").exists()  # stopped, not finished
+
+
+def test_fine_tune_on_every_kind_of_bad_sample(model, messy, tmp_path):  # noqa: F811
+    out = train(config(model, messy, tmp_path / "run", max_steps=2, batch_size=4))
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    skipped = {entry["sample"]: entry["reason"] for entry in report["skipped"]}
+    assert set(skipped) == {*EXPECTED_SKIPPED, str(messy.parent / "outside.png")}
+    for sample, words in EXPECTED_SKIPPED.items():
+        assert words in skipped[sample]
+    converted = {entry["sample"] for entry in report["converted"]}
+    assert {
+        "rgba.png",
+        "la.png",
+        "palette.png",
+        "gray.png",
+        "gray16.png",
+        "rotated.jpg",
+        "small.png",
+    } <= converted
+    text = (tmp_path / "run" / "data_report.txt").read_text()
+    assert text.index("Skipped") < text.index("Converted")  # listed separately
+    image = LatentDiffusionPipeline.from_pretrained(out)(
+        "a gradient", num_inference_steps=2, seed=0, output_type="np", progress=False
+    ).images
+    assert np.isfinite(image).all() and image.shape == (1, 32, 32, 3)
