@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -240,4 +241,135 @@ def benchmark_pipeline(*, steps: int = 10, batch: int = 2, repeats: int = 9) -> 
         "timings": {
             name: asdict(timing) | {"spread": timing.spread} for name, timing in timings.items()
         },
+    }
+
+
+def _reference_training_steps(folder, dataset, steps: int, batch: int, seed: int = 0) -> float:
+    """Seconds per step of a plain loop written the way diffusers' train_text_to_image.py does
+    it (diffusers U-Net, VAE posterior sample, tokenizer + CLIP, DDPMScheduler.add_noise, MSE,
+    AdamW, constant LR), on the same data; the first two steps are not timed."""
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    accelerator = Accelerator()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").requires_grad_(
+        False
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.01)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True)
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    unet.train()
+    times, done = [], 0
+    while done < steps + 2:
+        for item in loader:
+            start = time.perf_counter()
+            latents = vae.encode(item["pixels"]).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            ids = tokenizer(
+                item["caption"],
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            hidden = text_encoder(ids)[0]
+            pred = unet(noisy, t, hidden).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            times.append(time.perf_counter() - start)
+            done += 1
+            if done >= steps + 2:
+                break
+    return statistics.median(times[2:])
+
+
+def benchmark_train(
+    *, steps: int = 20, batch: int = 16, repeats: int = 5, images: int = 64
+) -> dict:
+    """Seconds per optimizer step of `ldm train` (EMA, logging, checkpoint at the end, with and
+    without the encoder cache) and of the reference loop, on tiny components at 32 px."""
+    import json
+    import tempfile
+
+    from PIL import Image
+
+    from ldm.config import DataConfig, TrainConfig
+    from ldm.data import ImageCaptionDataset, scan
+    from ldm.testing import save_tiny_stable_diffusion
+    from ldm.training import train
+
+    colours = [
+        (255, 0, 0),
+        (0, 0, 255),
+        (0, 200, 0),
+        (250, 220, 0),
+        (128, 0, 128),
+        (255, 128, 0),
+        (255, 255, 255),
+        (0, 0, 0),
+    ]
+    results: dict[str, list[float]] = {"ours": [], "ours, cached": [], "reference": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folder = save_tiny_stable_diffusion(root / "tiny", perturb=0.05)
+        (root / "data").mkdir()
+        rows = []
+        for i in range(images):
+            colour, background = colours[i % 8], colours[(i // 8 + 1 + i % 8) % 8]
+            image = Image.new("RGB", (32, 32), background)
+            image.paste(colour, (8, 8, 24, 24))
+            image.save(root / "data" / f"{i}.png")
+            rows.append(
+                {
+                    "file_name": f"{i}.png",
+                    "text": f"a square of colour {i % 8} on background {i // 8}",
+                }
+            )
+        (root / "data" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        data = DataConfig(str(root / "data"), resolution=32)
+        dataset = ImageCaptionDataset(data, scan(data).samples)
+        for r in range(repeats):
+            for name, cached in (("ours", False), ("ours, cached", True)):
+                run = root / f"run-{r}-{cached}"
+                config = TrainConfig.from_dict(
+                    {
+                        "model": str(folder),
+                        "output_dir": str(run),
+                        "data": {"path": data.path, "resolution": 32},
+                        "train": {
+                            "max_steps": steps + 2,
+                            "batch_size": batch,
+                            "checkpoint_every": 10_000,
+                            "cache_latents": cached,
+                            "learning_rate": 1e-4,
+                            "ema_decay": 0.999,
+                        },
+                    }
+                )
+                train(config)
+                log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+                elapsed = [rec["elapsed_s"] for rec in log]
+                results[name].append((elapsed[-1] - elapsed[1]) / (len(elapsed) - 2))
+            results["reference"].append(_reference_training_steps(folder, dataset, steps, batch))
+    medians = {name: statistics.median(v) for name, v in results.items()}
+    return {
+        "benchmark": "train",
+        "steps": steps,
+        "batch": batch,
+        "resolution": 32,
+        "seconds_per_step": medians,
+        "all": results,
+        "ratio_steps_per_s": medians["reference"] / medians["ours"],
+        "ratio_steps_per_s_cached": medians["reference"] / medians["ours, cached"],
     }

@@ -3,6 +3,7 @@
     python scripts/benchmark.py unet [--preset sd15] [--batch 2] [--size 32] [--repeats 7] [--json out.json]
     python scripts/benchmark.py conv
     python scripts/benchmark.py pipeline
+    python scripts/benchmark.py train
 
 `unet` times one forward pass of our U-Net and of diffusers' UNet2DConditionModel with
 identical weights: on the CPU in fp32 at the given size, and, when CUDA is present, in fp16
@@ -15,7 +16,13 @@ import json
 
 import torch
 
-from ldm.benchmark import benchmark_conv, benchmark_pipeline, benchmark_unet, environment
+from ldm.benchmark import (
+    benchmark_conv,
+    benchmark_pipeline,
+    benchmark_train,
+    benchmark_unet,
+    environment,
+)
 from ldm.config import UNET_PRESETS, UNetConfig
 
 CONV_SHAPES = [  # (C_in, C_out, size, stride): the SD 1.5 U-Net's 3x3 convolutions at 32x32 latents
@@ -52,6 +59,9 @@ def main() -> None:
     unet.add_argument("--repeats", type=int, default=7)
     unet.add_argument("--json", help="also write the results to this JSON file")
     sub.add_parser("conv", help="GFLOP/s of our Conv2d against torch's on the CPU")
+    train = sub.add_parser("train", help="ldm train against a diffusers-style training loop")
+    train.add_argument("--repeats", type=int, default=5)
+    train.add_argument("--steps", type=int, default=20)
     pipeline = sub.add_parser("pipeline", help="our pipeline against diffusers' on tiny components")
     pipeline.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
@@ -65,6 +75,18 @@ def main() -> None:
             print(
                 f"| {r['c_in']} -> {r['c_out']} | {r['size']} | {r['stride']} | {r['gemm_path']} | {r['torch_gflops']:.0f} | {r['ours_gflops']:.0f} |"
             )
+        return
+    if args.what == "train":
+        r = benchmark_train(steps=args.steps, repeats=args.repeats)
+        print(
+            f"tiny SD components, {r['resolution']} px, batch {r['batch']}, CPU; median s/step of {args.repeats} runs"
+        )
+        print("| loop | s / step | runs |")
+        print("|---|---:|---|")
+        for name, median in r["seconds_per_step"].items():
+            print(f"| {name} | {median:.4f} | {', '.join(f'{x:.4f}' for x in r['all'][name])} |")
+        print(f"| steps/s, ours / reference | {r['ratio_steps_per_s']:.3f} | |")
+        print(f"| steps/s, ours cached / reference | {r['ratio_steps_per_s_cached']:.3f} | |")
         return
     if args.what == "pipeline":
         r = benchmark_pipeline(repeats=args.repeats)

@@ -54,7 +54,7 @@ ALLOWED_IMPORTS = {
     },
     "generate": {"images", "pipeline"},
     "testing": {"config", "text_encoder"},
-    "benchmark": {"config", "layers", "pipeline", "testing", "unet"},
+    "benchmark": {"config", "data", "layers", "pipeline", "testing", "training", "unet"},
     "cli": {
         "__init__",
         "config",
@@ -74,7 +74,7 @@ EXTRA_PACKAGES = {
     "unet": {"safetensors"},
     "convert": {"safetensors", "diffusers", "transformers"},
     "conversion": {"safetensors"},
-    "benchmark": {"diffusers"},
+    "benchmark": {"diffusers", "accelerate", "transformers", "PIL"},
     "autoencoder": {"diffusers"},
     "text_encoder": {"transformers", "open_clip", "safetensors"},
     "images": {"PIL"},
