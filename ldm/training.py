@@ -18,8 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from ldm.cache import encode_dataset, fingerprint
@@ -215,6 +218,9 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
 
     # 5. Steps.
     log_file = open(out / "log.jsonl", "a", encoding="utf-8") if main else None
+    board = (
+        SummaryWriter(str(out / "tensorboard")) if main else None
+    )  # tensorboard --logdir OUTPUT_DIR
     bar = tqdm(total=t.max_steps, initial=state.step, desc="training", disable=not main)
     started, nonfinite_in_a_row = time.perf_counter(), 0
     try:
@@ -306,6 +312,10 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
                 }
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+                for name in ("loss", "lr", "nonfinite_skipped"):
+                    board.add_scalar(name, record[name], state.step)
+                for bucket, value in record["loss_by_t"].items():
+                    board.add_scalar(f"loss_by_t/{bucket}", value, state.step)
             if (
                 state.step % t.checkpoint_every == 0
                 or state.step == t.max_steps
@@ -313,17 +323,19 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
             ):
                 write_checkpoint()
             if config.validation.prompts and state.step % config.validation.every == 0 and main:
-                _validate(
+                grid = _validate(
                     pipe,
                     accelerator.unwrap_model(unet),
                     ema,
                     config,
                     out / "validation" / f"step-{state.step}.png",
                 )
+                board.add_image("validation", np.asarray(grid), state.step, dataformats="HWC")
     finally:
         bar.close()
         if log_file is not None:
             log_file.close()
+            board.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stop["signal"] is not None:
@@ -350,8 +362,9 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
 @torch.no_grad()
 def _validate(
     pipe: LatentDiffusionPipeline, unet: UNet, ema: EMA | None, config: TrainConfig, path: Path
-) -> None:
-    """Images from the fixed validation prompts and seeds, with the EMA weights, as one grid."""
+) -> Image.Image:
+    """Images from the fixed validation prompts and seeds, with the EMA weights, as one grid
+    (saved to ``path`` and returned)."""
     v = config.validation
     backup = [p.detach().clone() for p in unet.parameters()] if ema is not None else None
     if ema is not None:
@@ -373,7 +386,9 @@ def _validate(
             )
             images += result.images
         path.parent.mkdir(parents=True, exist_ok=True)
-        make_grid(images, cols=len(v.seeds)).save(path)
+        grid = make_grid(images, cols=len(v.seeds))
+        grid.save(path)
+        return grid
     finally:
         if backup is not None:
             for p, b in zip(unet.parameters(), backup, strict=True):

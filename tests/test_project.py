@@ -80,7 +80,7 @@ EXTRA_PACKAGES = {
     "images": {"PIL"},
     "data": {"PIL", "datasets"},
     "config": {"yaml"},
-    "training": {"accelerate", "tqdm"},
+    "training": {"accelerate", "tqdm", "PIL"},
     "cache": {"safetensors"},
     "pipeline": {"PIL"},
     "testing": {"diffusers", "transformers"},

@@ -333,3 +333,28 @@ def test_fine_tune_on_every_kind_of_bad_sample(model, messy, tmp_path):  # noqa:
         "a gradient", num_inference_steps=2, seed=0, output_type="np", progress=False
     ).images
     assert np.isfinite(image).all() and image.shape == (1, 32, 32, 3)
+
+
+def test_tensorboard_holds_the_logged_scalars_and_validation_grids(model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = colour_dataset(tmp_path / "data")
+    run = config(model, data, tmp_path / "run", max_steps=4)
+    run.validation.prompts, run.validation.every, run.validation.num_inference_steps = (
+        ["a red image"],
+        2,
+        2,
+    )
+    train(run)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    board.Reload()
+    losses = board.Scalars("loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4]
+    np.testing.assert_allclose([e.value for e in losses], [r["loss"] for r in log], rtol=1e-6)
+    assert any(tag.startswith("loss_by_t/") for tag in board.Tags()["scalars"])
+    assert [e.step for e in board.Images("validation")] == [2, 4]
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == [
+        "step-2.png",
+        "step-4.png",
+    ]
