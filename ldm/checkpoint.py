@@ -39,8 +39,7 @@ class EMA:
         params = list(parameters)
         if len(params) != len(self.shadow):
             raise ValueError(f"EMA tracks {len(self.shadow)} parameters, got {len(params)}")
-        for s, p in zip(self.shadow, params, strict=True):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in params], 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:

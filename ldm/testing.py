@@ -1,9 +1,9 @@
-"""Tiny, seeded Stable Diffusion stand-ins for tests and benchmarks, built offline.
+"""Small, seeded Stable Diffusion stand-ins for tests and benchmarks, built offline.
 
 The components are the real classes (diffusers' `UNet2DConditionModel` and `AutoencoderKL`,
-transformers' `CLIPTextModel` with the real CLIP tokenizer) at a few thousand parameters each,
-as diffusers' own pipeline tests build them, so that a whole pipeline runs on a CPU in
-seconds. This module imports diffusers and transformers; the library proper does not need it.
+transformers' `CLIPTextModel` with the real CLIP tokenizer) at a few thousand to a few million
+parameters, as diffusers' own pipeline tests build them, so that a whole pipeline runs on a
+CPU in seconds. This module imports diffusers and transformers; the library proper does not.
 """
 
 from __future__ import annotations
@@ -15,10 +15,31 @@ import torch
 from ldm.config import SchedulerConfig, UNetConfig
 from ldm.text_encoder import build_clip_tokenizer
 
+# "tiny" for tests. "small" has the sizes NOTES.md measured for a default-model-sized model:
+# U-Net channels (32, 64, 128), 4.6M parameters; VAE (16, 32, 64, 64), 1M; 64 px -> 8x8 latents.
+SIZES = {
+    "tiny": dict(vae=(32, 64), vae_groups=32, image=32, text_width=32, text_layers=2),
+    "small": dict(vae=(16, 32, 64, 64), vae_groups=16, image=64, text_width=64, text_layers=4),
+}
 
-def tiny_stable_diffusion(seed: int = 0, *, perturb: float = 0.0):
-    """A diffusers `StableDiffusionPipeline` of tiny random components: 32x32 images,
-    4x16x16 latents, a 2-layer CLIP text model of width 32, and SD 1.5's DDIM scheduler.
+
+def _unet_config(size: str) -> UNetConfig:
+    if size == "tiny":
+        return UNetConfig.preset("tiny-sd1")
+    return UNetConfig(
+        block_out_channels=(32, 64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+        cross_attention_dim=SIZES["small"]["text_width"],
+        sample_size=8,
+    )
+
+
+def tiny_stable_diffusion(seed: int = 0, *, perturb: float = 0.0, size: str = "tiny"):
+    """A diffusers `StableDiffusionPipeline` of small random components and SD 1.5's DDIM
+    scheduler. ``size="tiny"``: 32x32 images, 4x16x16 latents, a 2-layer CLIP text model of
+    width 32. ``size="small"``: 64x64 images, 4x8x8 latents, a 4-layer CLIP of width 64.
     ``perturb`` adds that much Gaussian noise to every weight (so no zero-initialised layer
     hides a bug)."""
     from diffusers import (
@@ -29,28 +50,31 @@ def tiny_stable_diffusion(seed: int = 0, *, perturb: float = 0.0):
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; allowed: {', '.join(SIZES)}")
+    spec = SIZES[size]
     torch.manual_seed(seed)
-    unet_config = {
-        k: v for k, v in UNetConfig.preset("tiny-sd1").to_dict().items() if not k.startswith("_")
-    }
-    unet = UNet2DConditionModel(**unet_config)
+    unet_kwargs = {k: v for k, v in _unet_config(size).to_dict().items() if not k.startswith("_")}
+    unet = UNet2DConditionModel(**unet_kwargs)
+    levels = len(spec["vae"])
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=spec["vae"],
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
         latent_channels=4,
         layers_per_block=1,
-        sample_size=32,
+        norm_num_groups=spec["vae_groups"],
+        sample_size=spec["image"],
     )
     tokenizer = build_clip_tokenizer()
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
+        hidden_size=spec["text_width"],
+        intermediate_size=spec["text_width"] + 5,
         num_attention_heads=4,
-        num_hidden_layers=2,
+        num_hidden_layers=spec["text_layers"],
         max_position_embeddings=77,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -75,8 +99,10 @@ def tiny_stable_diffusion(seed: int = 0, *, perturb: float = 0.0):
     )
 
 
-def save_tiny_stable_diffusion(path: str | Path, seed: int = 0, *, perturb: float = 0.0) -> Path:
+def save_tiny_stable_diffusion(
+    path: str | Path, seed: int = 0, *, perturb: float = 0.0, size: str = "tiny"
+) -> Path:
     """Write `tiny_stable_diffusion` as a diffusers folder; returns the path."""
     path = Path(path)
-    tiny_stable_diffusion(seed, perturb=perturb).save_pretrained(path)
+    tiny_stable_diffusion(seed, perturb=perturb, size=size).save_pretrained(path)
     return path

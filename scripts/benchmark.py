@@ -62,6 +62,9 @@ def main() -> None:
     train = sub.add_parser("train", help="ldm train against a diffusers-style training loop")
     train.add_argument("--repeats", type=int, default=5)
     train.add_argument("--steps", type=int, default=20)
+    train.add_argument(
+        "--size", choices=("small", "tiny"), default="small", help="components (default: small)"
+    )
     pipeline = sub.add_parser("pipeline", help="our pipeline against diffusers' on tiny components")
     pipeline.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
@@ -77,9 +80,9 @@ def main() -> None:
             )
         return
     if args.what == "train":
-        r = benchmark_train(steps=args.steps, repeats=args.repeats)
+        r = benchmark_train(steps=args.steps, repeats=args.repeats, size=args.size)
         print(
-            f"tiny SD components, {r['resolution']} px, batch {r['batch']}, CPU; median s/step of {args.repeats} runs"
+            f"{args.size} SD components, {r['resolution']} px, batch {r['batch']}, CPU; median s/step of {args.repeats} runs"
         )
         print("| loop | s / step | runs |")
         print("|---|---:|---|")
