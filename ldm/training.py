@@ -225,15 +225,18 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
     bar = tqdm(total=t.max_steps, initial=state.step, desc="training", disable=not main)
     started, nonfinite_in_a_row = time.perf_counter(), 0
     try:
+        batches, batches_epoch = [], None
         while state.step < t.max_steps and stop["signal"] is None:
-            batches = _epoch_batches(
-                len(dataset),
-                state.epoch,
-                t.seed,
-                t.batch_size,
-                accelerator.process_index,
-                accelerator.num_processes,
-            )
+            if batches_epoch != state.epoch:  # this process's batches, once per epoch
+                batches_epoch = state.epoch
+                batches = _epoch_batches(
+                    len(dataset),
+                    state.epoch,
+                    t.seed,
+                    t.batch_size,
+                    accelerator.process_index,
+                    accelerator.num_processes,
+                )
             if state.position >= len(batches):
                 state.epoch, state.position = state.epoch + 1, 0
                 continue
