@@ -13,8 +13,8 @@ from ldm.convert import (
     SD1_TEXT_PREFIX,
     SD2_TEXT_PREFIX,
     load_checkpoint,
-    load_unet_single_file,
     save_unet_single_file,
+    unet_from_checkpoint,
 )
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.unet import UNet
@@ -68,6 +68,6 @@ def convert(
         )
         pipe.save_pretrained(target)
         return f"wrote {source} as a diffusers pipeline folder {target}"
-    unet = load_unet_single_file(source, config, unsafe_pickle=unsafe_pickle)
+    unet = unet_from_checkpoint(state, config, str(source))  # the state read above
     unet.save_pretrained(target)
     return f"wrote the U-Net of {source} as a diffusers folder {target}"

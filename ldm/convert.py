@@ -242,22 +242,25 @@ def load_unet_single_file(
 
     ``config``: a `UNetConfig`, a preset name, or None to pick SD 1.x or 2.x from the weights.
     """
-    state = load_checkpoint(path, unsafe_pickle=unsafe_pickle)
-    unet_state = {
-        k[len(COMPVIS_UNET_PREFIX) :]: v
-        for k, v in state.items()
-        if k.startswith(COMPVIS_UNET_PREFIX)
-    }
+    return unet_from_checkpoint(
+        load_checkpoint(path, unsafe_pickle=unsafe_pickle), config, str(path)
+    )
+
+
+def unet_from_checkpoint(
+    state: dict[str, Tensor], config: UNetConfig | str | None, source: str
+) -> UNet:
+    """Our U-Net from a loaded original SD checkpoint's ``model.diffusion_model.*`` tensors;
+    ``config`` as in `load_unet_single_file`."""
+    unet_state = _strip(state, COMPVIS_UNET_PREFIX)
     if not unet_state:
         raise ValueError(
-            f"{path} has no {COMPVIS_UNET_PREFIX}* tensors: it is not an original SD checkpoint"
+            f"{source} has no {COMPVIS_UNET_PREFIX}* tensors: it is not an original SD checkpoint"
         )
-    if config is None:
-        config = detect_unet_preset(unet_state)
-    if isinstance(config, str):
-        config = UNetConfig.preset(config)
+    config = config or detect_unet_preset(unet_state)
+    config = UNetConfig.preset(config) if isinstance(config, str) else config
     model = UNet(config)
-    model.load_weights(unet_compvis_to_diffusers(unet_state, config), source=str(path))
+    model.load_weights(unet_compvis_to_diffusers(unet_state, config), source=source)
     return model
 
 
@@ -333,11 +336,7 @@ def load_single_file_components(
 
     state = load_checkpoint(path, unsafe_pickle=unsafe_pickle)
     version = sd_version(state)
-    unet_state = _strip(state, COMPVIS_UNET_PREFIX)
-    config = unet_config or detect_unet_preset(unet_state)
-    config = UNetConfig.preset(config) if isinstance(config, str) else config
-    unet = UNet(config)
-    unet.load_weights(unet_compvis_to_diffusers(unet_state, config), source=str(path))
+    unet = unet_from_checkpoint(state, unet_config, str(path))
 
     vae_config = vae_config or shipped_config("vae", "sd")
     vae = AutoencoderKL(**{k: v for k, v in vae_config.items() if not k.startswith("_")})
