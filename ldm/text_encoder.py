@@ -155,21 +155,20 @@ class FrozenTextEncoder(nn.Module):
         warning that names the prompt and the number of tokens dropped.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        for prompt, n in zip(prompts, self.count_tokens(prompts), strict=True):
-            if n > self.max_length:
+        L, pad = self.max_length, self.tokenizer.pad_token_id
+        rows = []
+        for prompt, ids in zip(
+            prompts, self._encode(prompts)["input_ids"], strict=True
+        ):  # one pass
+            if len(ids) > L:
                 short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
                 logger.warning(
-                    f"prompt {short!r} has {n} tokens; the text encoder reads {self.max_length} "
-                    f"(with start and end tokens), so the last {n - self.max_length} were dropped"
+                    f"prompt {short!r} has {len(ids)} tokens; the text encoder reads {L} "
+                    f"(with start and end tokens), so the last {len(ids) - L} were dropped"
                 )
-        encoded = self._encode(
-            prompts,
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return encoded["input_ids"].long()  # (B, L)
+                ids = [*ids[: L - 1], ids[-1]]  # keep the end token, as the tokenizer truncates
+            rows.append([*ids, *[pad] * (L - len(ids))])
+        return torch.tensor(rows, dtype=torch.long)  # (B, L)
 
     # ------------------------------------------------------------------ embeddings
 
