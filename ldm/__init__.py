@@ -6,9 +6,11 @@ The pipeline (and the libraries behind it: diffusers, transformers, open_clip) i
 first use, so that ``import ldm`` and ``ldm --help`` stay fast.
 """
 
+from ldm.config import DEFAULT_MODEL
+
 __version__ = "0.1.0"
 
-__all__ = ["LatentDiffusionPipeline", "__version__"]
+__all__ = ["DEFAULT_MODEL", "LatentDiffusionPipeline", "__version__"]
 
 
 def __getattr__(name: str):

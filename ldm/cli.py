@@ -130,6 +130,47 @@ def _convert(args: argparse.Namespace) -> None:
     print(convert(args.source, args.target, config=args.config, unsafe_pickle=args.unsafe_pickle))
 
 
+def _make_shapes(args: argparse.Namespace) -> None:
+    from ldm.shapes import make_shapes
+
+    print(make_shapes(args.n, args.out, seed=args.seed, split=args.split))
+
+
+def _train_vae(args: argparse.Namespace) -> None:
+    from ldm.config import VAETrainConfig
+    from ldm.pretrain import train_vae
+
+    print(train_vae(VAETrainConfig.from_yaml(args.config, args.set), resume=args.resume))
+
+
+def _train_clip(args: argparse.Namespace) -> None:
+    from ldm.config import CLIPTrainConfig
+    from ldm.pretrain import train_clip
+
+    print(train_clip(CLIPTrainConfig.from_yaml(args.config, args.set), resume=args.resume))
+
+
+def _train_default(args: argparse.Namespace) -> None:
+    from ldm.default_model import ship, train_default
+
+    model = train_default(args.out, configs=args.configs, seed=args.seed, n_eval=args.n_eval)
+    print(ship(model) if args.ship else model)
+
+
+def _eval_shapes(args: argparse.Namespace) -> None:
+    from ldm.evaluation import DEFAULT_SETTINGS, EvalSetting, evaluate, format_table
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    settings = (
+        DEFAULT_SETTINGS
+        if args.sweep
+        else [EvalSetting(args.sampler, args.steps, args.guidance_scale)]
+    )
+    results = evaluate(pipe, n=args.n, settings=settings, seed=args.seed, out_dir=args.out)
+    print(format_table(results))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldm",
@@ -291,6 +332,92 @@ def build_parser() -> argparse.ArgumentParser:
         help="unpickle arbitrary objects in a .ckpt (runs code from the file: only for files you trust)",
     )
     convert.set_defaults(func=_convert)
+
+    shapes = commands.add_parser(
+        "make-shapes",
+        help="write the procedural shapes dataset (images + metadata.jsonl)",
+        description="Render N 64x64 shapes images with captions into an image folder with "
+        "metadata.jsonl (file_name, text and the attributes). The same seed gives the same "
+        "files. --split heldout draws only the attribute combinations held out of training.",
+    )
+    shapes.add_argument("--n", type=int, required=True, help="how many images")
+    shapes.add_argument("--out", required=True, help="a new or empty folder")
+    shapes.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    shapes.add_argument(
+        "--split", choices=("train", "heldout"), default="train", help="(default: train)"
+    )
+    shapes.set_defaults(func=_make_shapes)
+
+    for name, func, what in (
+        ("train-vae", _train_vae, "the default model's VAE (AutoencoderKL) from scratch"),
+        ("train-clip", _train_clip, "the default model's CLIP text encoder from scratch"),
+    ):
+        sub = commands.add_parser(
+            name,
+            help=f"train {what}",
+            description=f"Train {what} on an image folder, as configs/default_model/"
+            f"{name.removeprefix('train-')}.yaml says. Checkpoints go to OUTPUT_DIR/checkpoints, "
+            "the log to OUTPUT_DIR/log.jsonl.",
+        )
+        sub.add_argument("config", help="a YAML config")
+        sub.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. max_steps=100 (repeatable)",
+        )
+        sub.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
+        sub.set_defaults(func=func)
+
+    default = commands.add_parser(
+        "train-default",
+        help="train the shipped default model from scratch: data, VAE, CLIP, U-Net, evaluation",
+        description="Run the whole default-model recipe into OUT: make the shapes data, train "
+        "the VAE, the CLIP text encoder and the U-Net (ldm train), then evaluate. Run it again "
+        "to resume: finished stages are skipped, the others continue from their checkpoints.",
+    )
+    default.add_argument("--out", default="runs/default", help="(default: runs/default)")
+    default.add_argument(
+        "--configs",
+        default=None,
+        help="the recipe's config folder (default: configs/default_model in the repository)",
+    )
+    default.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    default.add_argument(
+        "--n-eval", type=int, default=200, help="held-out images to evaluate (default: 200)"
+    )
+    default.add_argument(
+        "--ship",
+        action="store_true",
+        help="copy the result into the package as the default model (ldm.DEFAULT_MODEL)",
+    )
+    default.set_defaults(func=_train_default)
+
+    evaluation = commands.add_parser(
+        "eval-shapes",
+        help="score a model on held-out shapes prompts with a rule-based detector",
+        description="Generate images for attribute combinations held out of training, read "
+        "shape, colour, size, position and background from each with a detector (no learned "
+        "model), and print per-attribute and all-attribute accuracy.",
+    )
+    evaluation.add_argument("--model", help="a pipeline folder (default: the shipped model)")
+    evaluation.add_argument("--n", type=int, default=200, help="images per setting (default: 200)")
+    evaluation.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    evaluation.add_argument(
+        "--sampler", choices=("ddim", "ddpm"), default="ddim", help="(default: ddim)"
+    )
+    evaluation.add_argument("--steps", type=int, default=50, help="(default: 50)")
+    evaluation.add_argument("--guidance-scale", type=float, default=7.5, help="(default: 7.5)")
+    evaluation.add_argument(
+        "--sweep",
+        action="store_true",
+        help="all settings: guidance 1, 3, 7.5 at DDIM 50; DDIM 10/20/50/100; DDPM 1000",
+    )
+    evaluation.add_argument(
+        "--out", help="also write results.json and an image grid per setting to this folder"
+    )
+    evaluation.set_defaults(func=_eval_shapes)
     return parser
 
 

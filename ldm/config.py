@@ -13,6 +13,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+# The shipped default model (`ldm.default_model`): what `ldm generate` and
+# `LatentDiffusionPipeline.from_pretrained()` use when no model is named.
+DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"
+
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
@@ -373,26 +377,7 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         """Read a YAML file and apply ``key.sub=value`` overrides (values are parsed as YAML)."""
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config file at {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        for item in overrides or []:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ValueError(
-                    f"override {item!r} is not KEY=VALUE (e.g. train.learning_rate=3e-4)"
-                )
-            node = data
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ValueError(f"override {item!r}: {part!r} is not a section")
-            node[leaf] = yaml.safe_load(value)
-        return cls.from_dict(data)
+        return cls.from_dict(_read_yaml(path, overrides))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -425,3 +410,104 @@ def _build(cls, data: dict[str, Any], where: str):
             value = _build(nested[key], value, f"{key}.")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+@dataclass
+class VAETrainConfig:
+    """Training the default model's VAE (diffusers' `AutoencoderKL`) from scratch on an image
+    folder: loss = MSE(x_hat, x) + ``kl_weight`` * KL(q(z|x) || N(0, I)), both per element.
+    ``data`` is a folder written by ``ldm make-shapes``; ``heldout`` one for the PSNR report.
+    """
+
+    data: str
+    output_dir: str = "runs/default/vae"
+    heldout: str | None = None
+    block_out_channels: tuple[int, ...] = (16, 32, 64, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 8
+    max_steps: int = 3000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    kl_weight: float = 1e-5
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        self.block_out_channels = tuple(self.block_out_channels)
+        _check_positive(self, "max_steps", "batch_size", "learning_rate", "checkpoint_every")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> VAETrainConfig:
+        return _build(cls, _read_yaml(path, overrides), "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CLIPTrainConfig:
+    """Training the default model's text encoder: a small open_clip CLIP (a ViT image tower and a
+    causal text transformer) trained contrastively on image-caption pairs, then frozen and
+    converted to a transformers `CLIPTextModel`. The tokenizer is CLIP's BPE cut down to the
+    merges that the dataset's words need (``context_length`` tokens at most)."""
+
+    data: str
+    output_dir: str = "runs/default/text_encoder"
+    embed_dim: int = 128
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    context_length: int = 32
+    vision_width: int = 128
+    vision_layers: int = 3
+    patch_size: int = 8
+    max_steps: int = 1500
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "max_steps", "batch_size", "learning_rate", "checkpoint_every")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> CLIPTrainConfig:
+        return _build(cls, _read_yaml(path, overrides), "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_positive(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise ValueError(f"{name}={value!r} is not allowed; use a number > 0")
+
+
+def _read_yaml(path: str | Path, overrides: list[str] | None) -> dict[str, Any]:
+    """A YAML file as a dict, with ``key.sub=value`` overrides applied (values parsed as YAML)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. train.learning_rate=3e-4)")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return data

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm import images as imaging
+from ldm.config import DEFAULT_MODEL
 from ldm.pipeline import LatentDiffusionPipeline
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ldm import images as imaging
 from ldm.autoencoder import FrozenVAE
-from ldm.config import SchedulerConfig, UNetConfig
+from ldm.config import DEFAULT_MODEL, SchedulerConfig, UNetConfig
 from ldm.convert import load_single_file_components, save_single_file
 from ldm.sampling import (
     guided_eps_fn,
@@ -99,14 +99,15 @@ class LatentDiffusionPipeline:
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> LatentDiffusionPipeline:
         """Load a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/,
-        tokenizer/, scheduler/), such as `StableDiffusionPipeline.save_pretrained` writes."""
-        path = Path(path)
+        tokenizer/, scheduler/), such as `StableDiffusionPipeline.save_pretrained` writes.
+        With no ``path``, the shipped default model (`ldm.DEFAULT_MODEL`)."""
+        path = Path(path) if path is not None else DEFAULT_MODEL
         if not path.is_dir():
             raise FileNotFoundError(f"no model folder at {path}")
         missing = [

@@ -17,9 +17,12 @@ trained with: ``<|endoftext|>`` (49407) for OpenAI CLIP, ``!`` (0) for OpenCLIP.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import logging
+import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +45,7 @@ def build_clip_tokenizer(
     *,
     pad_token: str = END_TOKEN,
     model_max_length: int = 77,
+    words: Iterable[str] | None = None,
 ) -> CLIPTokenizer:
     """A `CLIPTokenizer` with the real CLIP vocabulary (49408 tokens), built offline from the BPE
     merges that open_clip ships, as open_clip's `SimpleTokenizer` builds its own.
@@ -49,9 +53,16 @@ def build_clip_tokenizer(
     ``pad_token`` ``"<|endoftext|>"`` is SD 1.x's (OpenAI CLIP); ``"!"`` is SD 2's (OpenCLIP,
     pad id 0). With ``save_dir`` the files (vocab.json, merges.txt, tokenizer.json,
     tokenizer_config.json) are written there, so `CLIPTokenizer.from_pretrained(save_dir)` loads it.
+
+    With ``words``, only the merges that CLIP's BPE applies to those words are kept (in CLIP's
+    order): each of them still becomes the same single tokens as in full CLIP, any other text
+    falls back to smaller pieces, and the vocabulary shrinks to a few hundred tokens, so a small
+    model's token embedding stays small.
     """
     with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]  # 48894 merges: 49408 tokens
+    if words is not None:
+        merges = _merges_for(merges, words)
     alphabet = list(bytes_to_unicode().values())  # the 256 byte-level characters
     vocab = [*alphabet, *(c + "</w>" for c in alphabet)]
     vocab += ["".join(merge.split()) for merge in merges] + [START_TOKEN, END_TOKEN]
@@ -70,6 +81,25 @@ def build_clip_tokenizer(
         if save_dir is not None:
             tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def _merges_for(merges: list[str], words: Iterable[str]) -> list[str]:
+    """The merges CLIP's BPE applies to ``words`` (ASCII, cleaned), in their original order."""
+    rank = {tuple(m.split()): i for i, m in enumerate(merges)}
+    used: set[int] = set()
+    for text in words:
+        for word in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", clean_prompt(text)):
+            symbols = [*word[:-1], word[-1] + "</w>"]
+            while len(symbols) > 1:
+                pairs = [
+                    (rank.get(p, len(rank)), i) for i, p in enumerate(itertools.pairwise(symbols))
+                ]
+                best, i = min(pairs)
+                if best == len(rank):
+                    break
+                used.add(best)
+                symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    return [merges[i] for i in sorted(used)]
 
 
 def clean_prompt(prompt: str) -> str:
@@ -298,10 +328,19 @@ _BLOCK_NAMES = {
 _ACTIVATIONS = {"GELU": "gelu", "QuickGELU": "quick_gelu"}
 
 
-def open_clip_to_transformers(tower: nn.Module) -> CLIPTextModel:
+def open_clip_to_transformers(
+    tower: nn.Module,
+    *,
+    drop_last_block: bool = True,
+    bos_token_id: int = 49406,
+    eos_token_id: int = 49407,
+) -> CLIPTextModel:
     """A `CLIPTextModel` whose ``last_hidden_state`` equals the open_clip tower's penultimate
-    block followed by ``ln_final`` (the last block is left out), as in SD 2's diffusers folders."""
-    blocks, first = tower.transformer.resblocks[:-1], tower.transformer.resblocks[0]
+    block followed by ``ln_final`` (the last block is left out), as in SD 2's diffusers folders;
+    with ``drop_last_block=False``, its last block followed by ``ln_final``. ``tower`` is an
+    open_clip text tower or a whole open_clip ``CLIP`` (which holds its text tower's parts)."""
+    blocks = tower.transformer.resblocks
+    blocks, first = (blocks[:-1] if drop_last_block else blocks), blocks[0]
     activation = type(first.mlp.gelu).__name__
     if activation not in _ACTIVATIONS or tower.attn_mask is None:
         raise ValueError(
@@ -320,6 +359,8 @@ def open_clip_to_transformers(tower: nn.Module) -> CLIPTextModel:
         hidden_act=_ACTIVATIONS[activation],
         layer_norm_eps=tower.ln_final.eps,
         pad_token_id=0,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
     )
     state = {
         "embeddings.token_embedding.weight": tower.token_embedding.weight,

@@ -1,0 +1,290 @@
+"""Training the frozen parts of the default model from scratch: the VAE and the text encoder.
+
+Both are small enough to train on two CPU cores in minutes. Each trainer reads an image folder
+into memory once, draws batches from a seeded permutation per epoch, and saves atomic
+checkpoints (`ldm.checkpoint`) with the optimizer and the random state, so that a run resumed
+with ``resume="latest"`` continues exactly. The result is a diffusers-layout folder:
+
+- `train_vae`: ``vae/`` (`AutoencoderKL`, its ``scaling_factor`` = 1 / std of the training
+  latents, stored in its config).
+- `train_clip`: ``text_encoder/`` (a transformers `CLIPTextModel`, converted from the open_clip
+  text tower) and ``tokenizer/`` (a `CLIPTokenizer` with CLIP's BPE cut down to the data's words).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from PIL import Image
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ldm.checkpoint import resolve_resume, save_checkpoint
+from ldm.config import CLIPTrainConfig, VAETrainConfig
+from ldm.shapes import vocabulary
+from ldm.text_encoder import (
+    OPEN_CLIP_PAD_TOKEN,
+    build_clip_tokenizer,
+    clip_encode,
+    open_clip_to_transformers,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def load_image_folder(folder: str | Path) -> tuple[Tensor, list[str]]:
+    """All images of an image folder with ``metadata.jsonl`` as uint8 (N, H, W, 3), and captions."""
+    metadata = Path(folder) / "metadata.jsonl"
+    if not metadata.is_file():
+        raise FileNotFoundError(f"no {metadata}; write the data with `ldm make-shapes`")
+    rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+    images = np.stack(
+        [
+            np.asarray(Image.open(metadata.parent / r["file_name"]).convert("RGB"))
+            for r in tqdm(rows, desc=f"reading {metadata.parent.name}", unit="image")
+        ]
+    )
+    return torch.from_numpy(images), [r["text"] for r in rows]
+
+
+def to_model_range(images: Tensor) -> Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def psnr(x: Tensor, y: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio in dB per image, of images in [-1, 1] (peak-to-peak 2)."""
+    mse = (x - y).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse)
+
+
+def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+def _run(
+    model: nn.Module,
+    step_fn: Callable[[Tensor, torch.Generator], tuple[Tensor, dict[str, float]]],
+    n: int,
+    config: VAETrainConfig | CLIPTrainConfig,
+    resume: str | None,
+    weight_decay: float,
+    desc: str,
+) -> None:
+    """The shared loop: seeded epochs of index batches, AdamW with warm-up and cosine decay,
+    gradient clipping at 1, a JSONL log and atomic checkpoints in ``output_dir/checkpoints``.
+    ``step_fn(indices, generator)`` returns the loss and the figures to log; it draws any noise
+    from ``generator``, whose state is checkpointed."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(config.warmup_steps, config.max_steps)
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    step, order = 0, torch.empty(0, dtype=torch.long)
+    checkpoint = resolve_resume(out / "checkpoints", resume)
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "state.pt", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        step, order = state["step"], state["order"]
+        logger.info("resumed %s from %s at step %d", desc, checkpoint, step)
+
+    def write(folder: Path) -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "generator": generator.get_state(),
+            "step": step,
+            "order": order,
+        }
+        torch.save(state, folder / "state.pt")
+        (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    model.train()
+    log = (out / "log.jsonl").open("a")
+    bar = tqdm(total=config.max_steps, initial=step, desc=desc, unit="step")
+    while step < config.max_steps:
+        if len(order) < config.batch_size:  # a new epoch: the rest of the old one is dropped
+            order = torch.randperm(n, generator=generator)
+        indices, order = order[: config.batch_size], order[config.batch_size :]
+        loss, figures = step_fn(indices, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % config.log_every == 0 or step == config.max_steps:
+            log.write(json.dumps({"step": step, "loss": loss.item(), **figures}) + "\n")
+            log.flush()
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            save_checkpoint(out / "checkpoints", step, write, keep=2)
+    bar.close()
+    log.close()
+    model.eval()
+
+
+def _finish(out: Path, name: str, save: Callable[[Path], None]) -> Path:
+    """Write ``out/name`` through a temporary sibling folder and a rename."""
+    final, tmp = out / name, out / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def build_vae(config: VAETrainConfig) -> AutoencoderKL:
+    """A fresh `AutoencoderKL` of the config's size (downscale 2 ** (levels - 1))."""
+    levels = len(config.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups,
+        sample_size=64,
+    )
+
+
+@torch.no_grad()
+def latent_std(vae: AutoencoderKL, images: Tensor, batch_size: int = 256) -> float:
+    """The std of posterior samples over ``images`` (uint8), as SD's scaling factor was chosen."""
+    generator = torch.Generator().manual_seed(0)
+    samples = [
+        vae.encode(to_model_range(images[i : i + batch_size])).latent_dist.sample(generator)
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(samples).std().item()
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: AutoencoderKL, images: Tensor, batch_size: int = 256) -> float:
+    """Mean PSNR (dB) of ``decode(mode(encode(x)))`` over uint8 ``images``."""
+    values = []
+    for i in range(0, len(images), batch_size):
+        x = to_model_range(images[i : i + batch_size])
+        x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        values.append(psnr(x_hat, x))
+    return torch.cat(values).mean().item()
+
+
+def train_vae(config: VAETrainConfig, *, resume: str | None = None) -> Path:
+    """Train the VAE; write ``output_dir/vae`` and return it. Logs PSNR on ``heldout``."""
+    torch.manual_seed(config.seed)
+    vae = build_vae(config)
+    images, _ = load_image_folder(config.data)
+
+    def step_fn(indices: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x = to_model_range(images[indices])  # (B, 3, H, W)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(
+            posterior.mean.shape, generator=generator
+        )  # (B, c, h, w)
+        x_hat = vae.decode(z).sample
+        mse = F.mse_loss(x_hat, x)
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
+        psnr_db = psnr(x_hat.detach().clamp(-1, 1), x).mean().item()
+        return mse + config.kl_weight * kl, {"mse": mse.item(), "kl": kl.item(), "psnr": psnr_db}
+
+    _run(vae, step_fn, len(images), config, resume, 0.0, "training the VAE")
+    vae.register_to_config(scaling_factor=1.0 / latent_std(vae, images[:4096]))
+    report = {"scaling_factor": vae.config.scaling_factor}
+    if config.heldout:
+        heldout, _ = load_image_folder(config.heldout)
+        report["heldout_psnr_db"] = reconstruction_psnr(vae, heldout)
+    out = Path(config.output_dir)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    logger.info("VAE: %s", report)
+    return _finish(out, "vae", lambda folder: vae.save_pretrained(folder))
+
+
+def build_clip(config: CLIPTrainConfig, vocab_size: int, eos_id: int) -> open_clip.CLIP:
+    """A small open_clip CLIP: a ViT over 64x64 images and a causal text transformer."""
+    return open_clip.CLIP(
+        config.embed_dim,
+        vision_cfg=open_clip.model.CLIPVisionCfg(
+            image_size=64,
+            patch_size=config.patch_size,
+            width=config.vision_width,
+            layers=config.vision_layers,
+            head_width=config.vision_width // 4,
+        ),
+        text_cfg=open_clip.model.CLIPTextCfg(
+            context_length=config.context_length,
+            vocab_size=vocab_size,
+            width=config.text_width,
+            heads=config.text_heads,
+            layers=config.text_layers,
+            pad_id=0,
+            eos_id=eos_id,
+        ),
+    )
+
+
+def train_clip(config: CLIPTrainConfig, *, resume: str | None = None) -> Path:
+    """Train CLIP contrastively; write ``output_dir/text_encoder`` and ``output_dir/tokenizer``
+    (diffusers layout, read by `FrozenTextEncoder.from_pretrained`) and return ``output_dir``."""
+    torch.manual_seed(config.seed)
+    tokenizer = build_clip_tokenizer(
+        pad_token=OPEN_CLIP_PAD_TOKEN,
+        model_max_length=config.context_length,
+        words=vocabulary(),
+    )
+    images, captions = load_image_folder(config.data)
+    tokens = torch.tensor(
+        clip_encode(tokenizer, captions, padding="max_length", truncation=True)["input_ids"]
+    )  # (N, L); the end token has the highest id, where open_clip pools
+    model = build_clip(config, len(tokenizer), tokenizer.eos_token_id)
+    loss_fn = open_clip.ClipLoss()
+
+    def step_fn(indices: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        image_features, text_features, logit_scale = model(
+            to_model_range(images[indices]), tokens[indices]
+        )
+        loss = loss_fn(image_features, text_features, logit_scale)
+        with torch.no_grad():
+            logits = image_features @ text_features.T  # (B, B)
+            targets = torch.arange(len(indices))
+            accuracy = (logits.argmax(1) == targets).float().mean().item()
+        return loss, {"image_to_text_top1": accuracy, "logit_scale": logit_scale.item()}
+
+    _run(model, step_fn, len(images), config, resume, config.weight_decay, "training CLIP")
+    text_model = open_clip_to_transformers(
+        model,
+        drop_last_block=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    out = Path(config.output_dir)
+    _finish(out, "text_encoder", lambda folder: text_model.save_pretrained(folder))
+    _finish(out, "tokenizer", lambda folder: tokenizer.save_pretrained(folder))
+    return out
