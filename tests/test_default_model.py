@@ -1,0 +1,137 @@
+"""The default model: the whole recipe at a tiny size (it runs, resumes, and evaluates), and the
+model shipped in the package (it loads with no path and draws what the prompt says)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from ldm.config import DEFAULT_MODEL
+from ldm.default_model import ship, train_default
+from ldm.evaluation import EvalSetting, evaluate
+from ldm.pipeline import LatentDiffusionPipeline
+
+TINY = {
+    "vae.yaml": {
+        "data": "unused",
+        "block_out_channels": [8, 8, 8],
+        "norm_num_groups": 4,
+        "max_steps": 3,
+        "batch_size": 4,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+    },
+    "clip.yaml": {
+        "data": "unused",
+        "embed_dim": 16,
+        "text_width": 32,
+        "text_layers": 2,
+        "text_heads": 2,
+        "vision_width": 32,
+        "vision_layers": 1,
+        "max_steps": 3,
+        "batch_size": 8,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+    },
+    "unet.yaml": {
+        "unet": "unused",
+        "vae": "unused",
+        "text_encoder": "unused",
+        "data": {"path": "unused", "resolution": 64},
+        "train": {"max_steps": 3, "batch_size": 4, "checkpoint_every": 2, "cache_latents": True},
+    },
+    "unet.json": {
+        "block_out_channels": [16, 32],
+        "layers_per_block": 1,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "attention_head_dim": 2,
+        "cross_attention_dim": 32,
+        "norm_num_groups": 8,
+        "sample_size": 16,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    configs = root / "configs"
+    configs.mkdir()
+    for name, content in TINY.items():
+        text = json.dumps(content) if name.endswith(".json") else yaml.safe_dump(content)
+        (configs / name).write_text(text)
+    model = train_default(root / "run", configs=configs, n_train=24, n_heldout=8, n_eval=4)
+    return root, configs, model
+
+
+def test_the_recipe_runs_every_stage_and_records_its_times(tiny_recipe):
+    root, _, model = tiny_recipe
+    run = root / "run"
+    times = json.loads((run / "times.json").read_text())
+    assert list(times) == ["shapes", "vae", "clip", "unet", "eval"]
+    assert all(seconds > 0 for seconds in times.values())
+    results = json.loads((run / "eval" / "results.json").read_text())
+    accuracy = results["ddim 50 steps, guidance 7.5"]
+    assert set(accuracy) == {"shape", "color", "size", "position", "background", "all"}
+    assert all(0 <= v <= 1 for v in accuracy.values())
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    assert pipe.vae.downscale_factor == 4 and pipe.text_encoder.max_length == 32
+    vae_config = json.loads((run / "vae" / "vae" / "config.json").read_text())
+    report = json.loads((run / "vae" / "report.json").read_text())
+    assert vae_config["scaling_factor"] == pytest.approx(report["scaling_factor"])
+    assert report["heldout_psnr_db"] > 0
+
+
+def test_running_the_recipe_again_skips_finished_stages(tiny_recipe):
+    root, configs, model = tiny_recipe
+    before = (root / "run" / "times.json").read_text()
+    weights = (model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert train_default(root / "run", configs=configs, n_train=24, n_eval=4) == model
+    assert (root / "run" / "times.json").read_text() == before
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+
+
+def test_missing_recipe_configs_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"lacks vae\.yaml, clip\.yaml"):
+        train_default(tmp_path / "run", configs=tmp_path)
+
+
+def test_ship_stores_the_unet_in_float16_and_loads_it_back(tiny_recipe, tmp_path):
+    _, _, model = tiny_recipe
+    shipped = ship(model, tmp_path / "shipped")
+    original = LatentDiffusionPipeline.from_pretrained(model)
+    loaded = LatentDiffusionPipeline.from_pretrained(shipped)
+    assert loaded.dtype == torch.float32
+    for (name, p), q in zip(
+        original.unet.state_dict().items(), loaded.unet.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(q, p.half().float(), rtol=0, atol=0, msg=name)
+    size = (shipped / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert size < 0.6 * (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+
+
+# ---------------------------------------------------------------------- the shipped model
+
+needs_shipped = pytest.mark.skipif(
+    not DEFAULT_MODEL.is_dir(), reason="the default model is not shipped in this checkout"
+)
+
+
+@needs_shipped
+def test_shipped_model_fits_the_size_budget():
+    total = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
+    assert total <= 30 * 2**20, total
+
+
+@needs_shipped
+def test_shipped_model_loads_with_no_path_and_follows_prompts():
+    pipe = LatentDiffusionPipeline.from_pretrained()
+    assert pipe.name == "shapes"
+    settings = [EvalSetting("ddim", 20, 7.5)]
+    accuracy = evaluate(pipe, n=16, settings=settings, batch_size=16)["ddim 20 steps, guidance 7.5"]
+    # held-out combinations; the full evaluation (docs/default_model.md) uses 200 images
+    assert accuracy["all"] >= 0.5, accuracy
+    assert min(accuracy[a] for a in ("shape", "color", "background")) >= 0.75, accuracy
