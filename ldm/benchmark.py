@@ -255,7 +255,7 @@ def _reference_training_steps(folder, dataset, steps: int, batch: int, seed: int
 
     accelerator = Accelerator()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").requires_grad_(False)
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").requires_grad_(
         False
@@ -295,11 +295,18 @@ def _reference_training_steps(folder, dataset, steps: int, batch: int, seed: int
 
 
 def benchmark_train(
-    *, steps: int = 20, batch: int = 16, repeats: int = 5, images: int = 64, size: str = "small"
+    *,
+    steps: int = 20,
+    batch: int = 16,
+    repeats: int = 5,
+    images: int = 64,
+    size: str = "small",
+    model: str | Path | None = None,
 ) -> dict:
     """Seconds per optimizer step of `ldm train` (EMA, logging, checkpoint at the end, with and
     without the encoder cache) and of the reference loop, on `ldm.testing` components of the
-    given size ("small": default-model-sized, 64 px; "tiny": 32 px)."""
+    given size ("small": default-model-sized, 64 px; "tiny": 32 px), or on the pipeline folder
+    ``model`` (such as the shipped default model) with images of its resolution."""
     import json
     import tempfile
 
@@ -323,8 +330,14 @@ def benchmark_train(
     results: dict[str, list[float]] = {"ours": [], "ours, cached": [], "reference": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        folder = save_tiny_stable_diffusion(root / "model", perturb=0.05, size=size)
-        px = SIZES[size]["image"]
+        if model is None:
+            folder = save_tiny_stable_diffusion(root / "model", perturb=0.05, size=size)
+            px = SIZES[size]["image"]
+        else:
+            folder = Path(model)
+            unet_config = json.loads((folder / "unet" / "config.json").read_text())
+            vae_config = json.loads((folder / "vae" / "config.json").read_text())
+            px = unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
         (root / "data").mkdir()
         rows = []
         for i in range(images):
@@ -370,8 +383,56 @@ def benchmark_train(
         "steps": steps,
         "batch": batch,
         "resolution": px,
+        "model": str(model) if model is not None else f"ldm.testing size {size}",
         "seconds_per_step": medians,
         "all": results,
         "ratio_steps_per_s": medians["reference"] / medians["ours"],
         "ratio_steps_per_s_cached": medians["reference"] / medians["ours, cached"],
+    }
+
+
+_GENERATE_IN_ONE_PROCESS = """
+import sys, time
+start = time.perf_counter()
+from ldm.pipeline import LatentDiffusionPipeline
+pipe = LatentDiffusionPipeline.from_pretrained()
+result = pipe([sys.argv[1]] * 8, num_inference_steps=50, seed=0, progress=False)
+for i, image in enumerate(result.images):
+    image.save(f"{sys.argv[2]}/{i}.png")
+print(time.perf_counter() - start)
+"""
+
+
+def benchmark_default_generate(*, repeats: int = 5) -> dict:
+    """Wall-clock seconds, each in a fresh process, to load the shipped default model, sample 8
+    images with DDIM 50 steps (guidance 7.5) and save them as PNGs: timed inside the process
+    (import + load + sample + save) and for the whole ``ldm generate PROMPT --n 8`` command."""
+    import subprocess
+    import sys
+    import tempfile
+
+    prompt = "a large red circle in the center on a blue background"
+    inside, command = [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            run = [sys.executable, "-c", _GENERATE_IN_ONE_PROCESS, prompt, out]
+            inside.append(
+                float(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
+            )
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            subprocess.run(
+                ["ldm", "generate", prompt, "--n", "8", "--seed", "0", "--out", out],
+                capture_output=True,
+                check=True,
+            )
+            command.append(time.perf_counter() - start)
+    return {
+        "benchmark": "default-generate",
+        "images": 8,
+        "steps": 50,
+        "load_sample_save_s": inside,
+        "ldm_generate_s": command,
+        "median_load_sample_save_s": statistics.median(inside),
+        "median_ldm_generate_s": statistics.median(command),
     }

@@ -134,3 +134,36 @@ def ship(model: str | Path, target: str | Path = DEFAULT_MODEL) -> Path:
     }
     logger.info("shipped %s: %s bytes", target, sizes)
     return target
+
+
+def load_checkpoint_ema(pipe: LatentDiffusionPipeline, checkpoint: str | Path) -> None:
+    """Put the EMA weights saved in an ``ldm train`` checkpoint into ``pipe.unet``."""
+    path = Path(checkpoint) / "custom_checkpoint_1.pkl"  # 0: the LR schedule, 1: the EMA
+    if not path.is_file():
+        raise FileNotFoundError(f"no EMA state at {path}; was the run trained with ema_decay?")
+    state = torch.load(path, weights_only=True)
+    with torch.no_grad():
+        for i, p in enumerate(pipe.unet.parameters()):
+            p.copy_(state[f"shadow.{i}"])
+
+
+def evaluate_checkpoints(
+    run: str | Path = "runs/default", *, n: int = 100, every: int = 1
+) -> dict[int, dict[str, float]]:
+    """Accuracy against training steps: each kept U-Net checkpoint of a recipe run (its EMA
+    weights, as exported) scored on held-out prompts with DDIM 50 steps at guidance 7.5.
+    ``every``: take every k-th checkpoint. Returns ``{step: accuracy}``."""
+    from ldm.checkpoint import checkpoints
+
+    run = Path(run)
+    pipe = LatentDiffusionPipeline.from_pretrained(run / "unet" / "model")
+    found = checkpoints(run / "unet" / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"no checkpoint-N folders in {run / 'unet' / 'checkpoints'}")
+    results = {}
+    for folder in found[::-1][::every][::-1]:  # the last one always, then every k-th back
+        load_checkpoint_ema(pipe, folder)
+        step = int(folder.name.removeprefix("checkpoint-"))
+        results[step] = next(iter(evaluate(pipe, n=n).values()))
+        logger.info("checkpoint %d: %s", step, results[step])
+    return results

@@ -80,9 +80,10 @@ def resolve_model(model: str | Path | None) -> Path:
             )
         return path
     if not DEFAULT_MODEL.is_dir():
-        raise ValueError(
-            "no default model is shipped with this version yet; pass --model PATH, a diffusers-format "
-            "pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        raise FileNotFoundError(
+            f"the default model is missing from this installation (expected at {DEFAULT_MODEL}; "
+            "reinstall ldm), or pass --model PATH, a diffusers-format pipeline folder "
+            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
     return DEFAULT_MODEL
 

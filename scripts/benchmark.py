@@ -3,7 +3,8 @@
     python scripts/benchmark.py unet [--preset sd15] [--batch 2] [--size 32] [--repeats 7] [--json out.json]
     python scripts/benchmark.py conv
     python scripts/benchmark.py pipeline
-    python scripts/benchmark.py train
+    python scripts/benchmark.py train [--model default]
+    python scripts/benchmark.py generate-default
 
 `unet` times one forward pass of our U-Net and of diffusers' UNet2DConditionModel with
 identical weights: on the CPU in fp32 at the given size, and, when CUDA is present, in fp16
@@ -18,12 +19,13 @@ import torch
 
 from ldm.benchmark import (
     benchmark_conv,
+    benchmark_default_generate,
     benchmark_pipeline,
     benchmark_train,
     benchmark_unet,
     environment,
 )
-from ldm.config import UNET_PRESETS, UNetConfig
+from ldm.config import DEFAULT_MODEL, UNET_PRESETS, UNetConfig
 
 CONV_SHAPES = [  # (C_in, C_out, size, stride): the SD 1.5 U-Net's 3x3 convolutions at 32x32 latents
     (320, 320, 32, 1),
@@ -65,6 +67,14 @@ def main() -> None:
     train.add_argument(
         "--size", choices=("small", "tiny"), default="small", help="components (default: small)"
     )
+    train.add_argument(
+        "--model",
+        help="a pipeline folder to train instead, or 'default' for the shipped default model",
+    )
+    default = sub.add_parser(
+        "generate-default", help="8 images from the shipped model: load + sample + save"
+    )
+    default.add_argument("--repeats", type=int, default=5)
     pipeline = sub.add_parser("pipeline", help="our pipeline against diffusers' on tiny components")
     pipeline.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
@@ -80,9 +90,10 @@ def main() -> None:
             )
         return
     if args.what == "train":
-        r = benchmark_train(steps=args.steps, repeats=args.repeats, size=args.size)
+        model = DEFAULT_MODEL if args.model == "default" else args.model
+        r = benchmark_train(steps=args.steps, repeats=args.repeats, size=args.size, model=model)
         print(
-            f"{args.size} SD components, {r['resolution']} px, batch {r['batch']}, CPU; median s/step of {args.repeats} runs"
+            f"{r['model']}, {r['resolution']} px, batch {r['batch']}, CPU; median s/step of {args.repeats} runs"
         )
         print("| loop | s / step | runs |")
         print("|---|---:|---|")
@@ -90,6 +101,20 @@ def main() -> None:
             print(f"| {name} | {median:.4f} | {', '.join(f'{x:.4f}' for x in r['all'][name])} |")
         print(f"| steps/s, ours / reference | {r['ratio_steps_per_s']:.3f} | |")
         print(f"| steps/s, ours cached / reference | {r['ratio_steps_per_s_cached']:.3f} | |")
+        return
+    if args.what == "generate-default":
+        r = benchmark_default_generate(repeats=args.repeats)
+        print(
+            "shipped default model, 8 images, DDIM 50 steps, guidance 7.5, fresh process each run"
+        )
+        print("| what | median s | runs |")
+        print("|---|---:|---|")
+        for name, key in (
+            ("import + load + sample + save", "load_sample_save_s"),
+            ("whole `ldm generate ... --n 8` command", "ldm_generate_s"),
+        ):
+            runs = ", ".join(f"{x:.2f}" for x in r[key])
+            print(f"| {name} | {r['median_' + key]:.2f} | {runs} |")
         return
     if args.what == "pipeline":
         r = benchmark_pipeline(repeats=args.repeats)

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from ldm.config import DEFAULT_MODEL
-from ldm.default_model import ship, train_default
+from ldm.default_model import evaluate_checkpoints, load_checkpoint_ema, ship, train_default
 from ldm.evaluation import EvalSetting, evaluate
 from ldm.pipeline import LatentDiffusionPipeline
 
@@ -94,6 +94,21 @@ def test_running_the_recipe_again_skips_finished_stages(tiny_recipe):
     assert (model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
 
 
+def test_checkpoints_are_scored_with_their_ema_weights(tiny_recipe):
+    root, _, model = tiny_recipe
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    exported = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    load_checkpoint_ema(pipe, root / "run" / "unet" / "checkpoints" / "checkpoint-2")
+    assert any(not torch.equal(v, exported[k]) for k, v in pipe.unet.state_dict().items())
+    load_checkpoint_ema(pipe, root / "run" / "unet" / "checkpoints" / "checkpoint-3")
+    for k, v in pipe.unet.state_dict().items():  # the export is the last EMA
+        torch.testing.assert_close(v, exported[k], rtol=0, atol=0, msg=k)
+    results = evaluate_checkpoints(root / "run", n=4)
+    assert list(results) == [2, 3]
+    final = json.loads((root / "run" / "eval" / "results.json").read_text())
+    assert results[3] == final["ddim 50 steps, guidance 7.5"]
+
+
 def test_missing_recipe_configs_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"lacks vae\.yaml, clip\.yaml"):
         train_default(tmp_path / "run", configs=tmp_path)
@@ -135,3 +150,17 @@ def test_shipped_model_loads_with_no_path_and_follows_prompts():
     # held-out combinations; the full evaluation (docs/default_model.md) uses 200 images
     assert accuracy["all"] >= 0.5, accuracy
     assert min(accuracy[a] for a in ("shape", "color", "background")) >= 0.75, accuracy
+
+
+@needs_shipped
+def test_ldm_generate_uses_the_shipped_model_with_no_model_flag(tmp_path):
+    from PIL import Image
+
+    from ldm.cli import main
+    from ldm.evaluation import detect
+
+    prompt = "a large red circle in the center on a blue background"
+    assert main(["generate", prompt, "--out", str(tmp_path), "--seed", "0"]) == 0
+    (png,) = tmp_path.glob("*.png")
+    found = detect(Image.open(png))
+    assert (found.color, found.background) == ("red", "blue"), found

@@ -339,6 +339,10 @@ def test_generate_bad_arguments_exit_nonzero_with_a_message(
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_generate_without_a_model_says_what_to_pass(tmp_path, capsys):
+def test_generate_without_a_model_uses_the_shipped_one(tmp_path, monkeypatch, capsys):
+    import ldm.generate
+
+    monkeypatch.setattr(ldm.generate, "DEFAULT_MODEL", tmp_path / "not-installed")
     assert main(["generate", PROMPT, "--out", str(tmp_path)]) == 2
-    assert "pass --model PATH" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not-installed" in err and "pass --model PATH" in err
