@@ -348,7 +348,7 @@ class TrainConfig:
     """A training run: what to train, on which data, how, and where to write it.
 
     ``model``: a pipeline folder to fine-tune (its U-Net trains; VAE and text encoder stay
-    frozen). Or ``unet`` (a preset name or a U-Net config.json) with ``vae`` and
+    frozen), or ``default`` for the shipped default model (`DEFAULT_MODEL`). Or ``unet`` (a preset name or a U-Net config.json) with ``vae`` and
     ``text_encoder`` folders, to train a fresh U-Net.
     """
 
@@ -362,6 +362,8 @@ class TrainConfig:
     validation: ValidationSettings = dataclasses.field(default_factory=ValidationSettings)
 
     def __post_init__(self) -> None:
+        if self.model == "default":
+            self.model = str(DEFAULT_MODEL)
         if self.model is None and (
             self.unet is None or self.vae is None or self.text_encoder is None
         ):

@@ -105,7 +105,8 @@ class NoiseSchedule:
         kind: ``linear``, ``scaled_linear`` (Stable Diffusion's) or ``cosine``
             (``squaredcos_cap_v2`` is accepted as diffusers' name for it).
         num_train_timesteps: T, the number of training timesteps.
-        beta_start, beta_end: first and last beta of the (scaled) linear schedules.
+        beta_start: the first beta of the (scaled) linear schedules.
+        beta_end: the last beta of the (scaled) linear schedules.
         rescale_betas_zero_snr: rescale to zero terminal SNR (Lin et al. 2024). The last
             alpha_bar becomes 0, where an eps-prediction cannot be turned into x0, so this
             requires ``prediction_type="v_prediction"``.

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm.config import DataConfig, TrainConfig, TrainSettings
+from ldm.config import DEFAULT_MODEL, DataConfig, TrainConfig, TrainSettings
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml"
 
@@ -20,6 +20,12 @@ def test_the_shipped_recipe_loads_with_overrides():
     assert config.train.lr_scheduler == "cosine" and config.train.min_snr_gamma == 5.0
     assert config.validation.seeds == [5, 6]
     assert TrainConfig.from_dict(config.to_dict()) == config  # saved with checkpoints, read back
+
+
+def test_model_default_names_the_shipped_model():
+    config = TrainConfig.from_dict({"model": "default", "data": {"path": "d"}})
+    assert config.model == str(DEFAULT_MODEL)
+    assert TrainConfig.from_dict({"model": "my/model", "data": {"path": "d"}}).model == "my/model"
 
 
 def test_defaults_fill_what_the_yaml_leaves_out(tmp_path):
