@@ -245,6 +245,12 @@ class SchedulerConfig:
             )  # learned variances belong to other models; DDPM uses beta-tilde
         return cls(**kwargs)
 
+    @property
+    def spacing(self) -> dict[str, Any]:
+        """How sampling timesteps are chosen: keyword arguments of `ldm.sampling.make_timesteps`
+        and of everything that calls it."""
+        return {"timestep_spacing": self.timestep_spacing, "steps_offset": self.steps_offset}
+
     def to_dict(self) -> dict[str, Any]:
         """diffusers' DDIMScheduler config, which diffusers' pipelines load."""
         return {"_class_name": "DDIMScheduler", **dataclasses.asdict(self)}

@@ -50,11 +50,9 @@ def to_array(images: Sequence[Image.Image]) -> np.ndarray:
 
 
 def psnr(images: np.ndarray, references: np.ndarray) -> np.ndarray:
-    """Per-image PSNR in dB, 10 log10(1 / MSE), of (B, H, W, 3) arrays in [0, 1]; (B,), inf
+    """Per-image PSNR in dB (`ldm.images.psnr`) of (B, H, W, 3) arrays in [0, 1]; (B,), inf
     where an image equals its reference."""
-    mse = ((images - references) ** 2).reshape(len(images), -1).mean(1)  # (B,)
-    with np.errstate(divide="ignore"):
-        return 10 * np.log10(1 / mse)
+    return imaging.psnr(torch.from_numpy(images), torch.from_numpy(references), 1.0).numpy()
 
 
 def attributes_kept(specs: Sequence[ShapeSpec], images: Sequence[Image.Image]) -> np.ndarray:
@@ -186,8 +184,7 @@ def img2img_sweep(
             pipe.schedule,
             num_steps,
             strength,
-            timestep_spacing=s.timestep_spacing,
-            steps_offset=s.steps_offset,
+            **s.spacing,
         )
         result = pipe.img2img(
             prompts,
@@ -275,9 +272,10 @@ def inversion_roundtrip(
     prompts = [prompt] * len(specs)
     x0 = pipe.encode_images(inputs)  # (B, C, h, w)
     height, width = (d * pipe.vae_scale for d in x0.shape[-2:])
-    s = pipe.scheduler
-    spacing = dict(timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset)
-    first = make_timesteps(num_steps, pipe.schedule.num_train_timesteps, **spacing)[0]
+    timesteps = make_timesteps(
+        num_steps, pipe.schedule.num_train_timesteps, **pipe.scheduler.spacing
+    )
+    first = timesteps[0]
     starts = {}
     for k in fixed_point_iters:
         starts[f"inverted_{k}"] = pipe.invert(

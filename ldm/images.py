@@ -30,6 +30,13 @@ def to_unit_range(images: Tensor) -> Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+def psnr(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
+    """Peak signal-to-noise ratio in dB per image, 10 log10(data_range^2 / MSE), of (B, ...)
+    images; ``data_range`` is 2 for [-1, 1] and 1 for [0, 1]. inf where x equals y."""
+    mse = (x - y).pow(2).flatten(1).mean(1)  # (B,)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
 def to_numpy(images: Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float32 in [0, 1]."""
     return to_unit_range(images).permute(0, 2, 3, 1).cpu().numpy()

@@ -399,7 +399,6 @@ class LatentDiffusionPipeline:
     ) -> Tensor:
         s = self.scheduler
         model_fn = self._model_fn(prompts, negatives, guidance_scale)
-        spacing = dict(timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset)
         clip = dict(clip_sample=s.clip_sample, clip_sample_range=s.clip_sample_range)
         if sampler == "ddim":
             return sample_ddim(
@@ -412,7 +411,7 @@ class LatentDiffusionPipeline:
                 progress=progress,
                 set_alpha_to_one=s.set_alpha_to_one,
                 start_step=start_step,
-                **spacing,
+                **s.spacing,
                 **clip,
             )
         return sample_ddpm(
@@ -424,7 +423,7 @@ class LatentDiffusionPipeline:
             progress=progress,
             variance_type=s.variance_type,
             start_step=start_step,
-            **spacing,
+            **s.spacing,
             **clip,
         )
 
@@ -504,8 +503,7 @@ class LatentDiffusionPipeline:
             noise,
             num_inference_steps,
             strength,
-            timestep_spacing=s.timestep_spacing,
-            steps_offset=s.steps_offset,
+            **s.spacing,
         )
         x = self._sample(
             prompts,
@@ -560,8 +558,7 @@ class LatentDiffusionPipeline:
             x0,
             num_inference_steps,
             progress=progress,
-            timestep_spacing=s.timestep_spacing,
-            steps_offset=s.steps_offset,
+            **s.spacing,
             set_alpha_to_one=s.set_alpha_to_one,
             fixed_point_iters=fixed_point_iters,
         )

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ldm.checkpoint import resolve_resume, save_checkpoint
 from ldm.config import CLIPTrainConfig, VAETrainConfig
+from ldm.images import psnr
 from ldm.shapes import vocabulary
 from ldm.text_encoder import (
     OPEN_CLIP_PAD_TOKEN,
@@ -60,12 +61,6 @@ def load_image_folder(folder: str | Path) -> tuple[Tensor, list[str]]:
 def to_model_range(images: Tensor) -> Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def psnr(x: Tensor, y: Tensor) -> Tensor:
-    """Peak signal-to-noise ratio in dB per image, of images in [-1, 1] (peak-to-peak 2)."""
-    mse = (x - y).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse)
 
 
 def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:

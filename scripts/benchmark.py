@@ -62,8 +62,8 @@ def main() -> None:
     unet.add_argument("--json", help="also write the results to this JSON file")
     sub.add_parser("conv", help="GFLOP/s of our Conv2d against torch's on the CPU")
     train = sub.add_parser("train", help="ldm train against a diffusers-style training loop")
-    train.add_argument("--repeats", type=int, default=5)
-    train.add_argument("--steps", type=int, default=20)
+    train.add_argument("--repeats", type=int, default=9)
+    train.add_argument("--steps", type=int, default=30)
     train.add_argument(
         "--size", choices=("small", "tiny"), default="small", help="components (default: small)"
     )
@@ -101,6 +101,7 @@ def main() -> None:
             print(f"| {name} | {median:.4f} | {', '.join(f'{x:.4f}' for x in r['all'][name])} |")
         print(f"| steps/s, ours / reference | {r['ratio_steps_per_s']:.3f} | |")
         print(f"| steps/s, ours cached / reference | {r['ratio_steps_per_s_cached']:.3f} | |")
+        print(f"| steps/s, ours with EMA / reference | {r['ratio_steps_per_s_ema']:.3f} | |")
         return
     if args.what == "generate-default":
         r = benchmark_default_generate(repeats=args.repeats)

@@ -38,6 +38,16 @@ def pyplot():
     return plt
 
 
+def save_plot(fig, axes, path: Path) -> None:
+    """Grid lines and legends on ``axes``, then the figure to ``path``."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
 def plot_schedules(starts: list[tuple[float, int | None, float]], steps: int, path: Path) -> None:
     """sqrt(alpha_bar_t) and SNR(t) of each schedule; dots at the (strength, t, SNR) starts."""
     plt = pyplot()
@@ -53,12 +63,7 @@ def plot_schedules(starts: list[tuple[float, int | None, float]], steps: int, pa
     left.set(xlabel="timestep t", ylabel="signal left, sqrt(alpha_bar_t)")
     right.set(xlabel="timestep t", ylabel="SNR(t)", ylim=(1e-6, 1e5))
     right.set_title(f"dots: where image-to-image starts, by strength ({steps} steps)", fontsize=9)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, (left, right), path)
 
 
 def labelled_grid(columns: dict[str, list], path: Path, title: str) -> None:
@@ -91,12 +96,7 @@ def plot_curves(uncond: dict, prompted: dict, vae_psnr: float, path: Path) -> No
     right.plot(s, prompted["kept_mean"], "s--", label="attributes kept (caption)")
     right.plot(s, uncond["kept_chance"], "k:", label="chance (another image's)")
     right.set(xlabel="strength", ylabel="share (detector)", ylim=(0, 1.02))
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, (left, right), path)
 
 
 def main() -> None:

@@ -11,47 +11,36 @@ from PIL import Image
 from ldm import images as imaging
 from ldm.cli import main
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.testing import save_tiny_stable_diffusion
 
 PROMPT, NEGATIVE = "a large red circle in the center on a blue background", "a green square"
 ONE_LEVEL = 1 / 255 + 1e-6
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny") / "tiny-sd", perturb=0.05)
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return LatentDiffusionPipeline.from_pretrained(model_dir)
 
 
 def latents_for(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
-def test_images_equal_diffusers_pipeline(model_dir, pipe):
-    reference = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+def test_images_equal_diffusers_pipeline(tiny_sd_dir, tiny_pipe):
+    reference = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
     reference.set_progress_bar_config(disable=True)
     latents = latents_for(2)
     common = dict(
         negative_prompt=[NEGATIVE] * 2, num_inference_steps=10, guidance_scale=7.5, output_type="np"
     )
     expected = reference([PROMPT, "a small black triangle"], latents=latents, **common).images
-    ours = pipe([PROMPT, "a small black triangle"], latents=latents, progress=False, **common)
+    ours = tiny_pipe([PROMPT, "a small black triangle"], latents=latents, progress=False, **common)
     assert ours.images.shape == expected.shape == (2, 32, 32, 3)
     assert expected.std() > 0.05  # a real image, not a constant
     np.testing.assert_allclose(ours.images, expected, rtol=0, atol=ONE_LEVEL)
 
 
-def test_saved_folder_loads_in_diffusers_and_reproduces_our_image(pipe, tmp_path):
-    pipe.save_pretrained(tmp_path / "ours")
+def test_saved_folder_loads_in_diffusers_and_reproduces_our_image(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "ours")
     reference = StableDiffusionPipeline.from_pretrained(tmp_path / "ours", safety_checker=None)
     reference.set_progress_bar_config(disable=True)
     latents = latents_for(1, seed=3)
     common = dict(num_inference_steps=10, guidance_scale=7.5, output_type="np")
-    ours = pipe(PROMPT, latents=latents, progress=False, **common).images
+    ours = tiny_pipe(PROMPT, latents=latents, progress=False, **common).images
     np.testing.assert_allclose(
         reference(PROMPT, latents=latents, **common).images, ours, rtol=0, atol=ONE_LEVEL
     )
@@ -62,7 +51,7 @@ def test_saved_folder_loads_in_diffusers_and_reproduces_our_image(pipe, tmp_path
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_same_seed_same_image_and_each_image_reproduces_alone(pipe, sampler):
+def test_same_seed_same_image_and_each_image_reproduces_alone(tiny_pipe, sampler):
     common = dict(
         num_inference_steps=8,
         sampler=sampler,
@@ -70,39 +59,41 @@ def test_same_seed_same_image_and_each_image_reproduces_alone(pipe, sampler):
         output_type="np",
         progress=False,
     )
-    batch = pipe(PROMPT, num_images_per_prompt=4, seed=100, **common)
+    batch = tiny_pipe(PROMPT, num_images_per_prompt=4, seed=100, **common)
     assert batch.seeds == [100, 101, 102, 103]
     assert [p["seed"] for p in batch.parameters] == batch.seeds
     np.testing.assert_array_equal(
-        pipe(PROMPT, num_images_per_prompt=4, seed=100, **common).images, batch.images
+        tiny_pipe(PROMPT, num_images_per_prompt=4, seed=100, **common).images, batch.images
     )
     for k in (0, 2):
-        alone = pipe(PROMPT, seed=batch.seeds[k], **common)
+        alone = tiny_pipe(PROMPT, seed=batch.seeds[k], **common)
         np.testing.assert_allclose(alone.images[0], batch.images[k], rtol=0, atol=ONE_LEVEL)
     assert np.abs(batch.images[0] - batch.images[1]).max() > 0.05  # different seeds differ
-    drawn = pipe(PROMPT, **common)
+    drawn = tiny_pipe(PROMPT, **common)
     assert isinstance(drawn.seeds[0], int)  # no seed given: one is drawn and recorded
-    np.testing.assert_array_equal(pipe(PROMPT, seed=drawn.seeds[0], **common).images, drawn.images)
+    np.testing.assert_array_equal(
+        tiny_pipe(PROMPT, seed=drawn.seeds[0], **common).images, drawn.images
+    )
 
 
-def test_output_types(pipe):
+def test_output_types(tiny_pipe):
     common = dict(num_inference_steps=2, seed=0, progress=False)
-    pil = pipe(PROMPT, **common).images
+    pil = tiny_pipe(PROMPT, **common).images
     assert isinstance(pil[0], Image.Image) and pil[0].size == (32, 32)
-    pt = pipe(PROMPT, output_type="pt", **common).images
+    pt = tiny_pipe(PROMPT, output_type="pt", **common).images
     assert pt.shape == (1, 3, 32, 32) and 0 <= pt.min() and pt.max() <= 1
-    latent = pipe(PROMPT, output_type="latent", **common).images
+    latent = tiny_pipe(PROMPT, output_type="latent", **common).images
     assert latent.shape == (1, 4, 16, 16)
     np.testing.assert_allclose(
         np.asarray(pil[0]) / 255, pt[0].permute(1, 2, 0).numpy(), atol=ONE_LEVEL
     )
-    wide = pipe(PROMPT, height=16, width=48, output_type="np", **common).images
+    wide = tiny_pipe(PROMPT, height=16, width=48, output_type="np", **common).images
     assert wide.shape == (1, 16, 48, 3)
 
 
-def test_img2img_at_strength_zero_returns_the_input_through_the_vae(pipe):
+def test_img2img_at_strength_zero_returns_the_input_through_the_vae(tiny_pipe):
     image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
-    result = pipe.img2img(
+    result = tiny_pipe.img2img(
         PROMPT,
         image,
         strength=0.0,
@@ -111,10 +102,10 @@ def test_img2img_at_strength_zero_returns_the_input_through_the_vae(pipe):
         output_type="np",
         progress=False,
     )
-    round_trip = imaging.to_numpy(pipe.vae.decode(pipe.encode_images(image)))
+    round_trip = imaging.to_numpy(tiny_pipe.vae.decode(tiny_pipe.encode_images(image)))
     np.testing.assert_allclose(result.images, round_trip, rtol=0, atol=1e-6)
     assert result.parameters[0]["strength"] == 0.0
-    changed = pipe.img2img(
+    changed = tiny_pipe.img2img(
         PROMPT,
         image,
         strength=0.6,
@@ -127,7 +118,7 @@ def test_img2img_at_strength_zero_returns_the_input_through_the_vae(pipe):
 
 
 @pytest.mark.slow
-def test_ddim_inversion_reconstructs_the_latents(pipe):
+def test_ddim_inversion_reconstructs_the_latents(tiny_pipe):
     # Plain inversion evaluates eps at the lower-noise sample it has, a first-order
     # approximation that is fine for a trained denoiser (tests/test_sampling.py: 2% error at
     # 50 steps with the exact Gaussian model) but not for this random U-Net, whose eps jumps
@@ -135,13 +126,13 @@ def test_ddim_inversion_reconstructs_the_latents(pipe):
     # implicit step; with 3 of them the error was 0.0013 (0.058 at 50 steps). So: the solved
     # inversion must reconstruct the latents to 1%, and iterating must help by 100x.
     image = Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8))
-    x0 = pipe.encode_images(image)
+    x0 = tiny_pipe.encode_images(image)
     errors = []
     for iters in (0, 3):
-        x_T = pipe.invert(
+        x_T = tiny_pipe.invert(
             PROMPT, image, num_inference_steps=200, fixed_point_iters=iters, progress=False
         )
-        back = pipe(
+        back = tiny_pipe(
             PROMPT,
             latents=x_T,
             guidance_scale=1.0,
@@ -180,20 +171,20 @@ def test_ddim_inversion_reconstructs_the_latents(pipe):
         ),
     ],
 )
-def test_bad_inputs_raise_errors_that_name_the_value(pipe, kwargs, message):
+def test_bad_inputs_raise_errors_that_name_the_value(tiny_pipe, kwargs, message):
     kwargs = {"prompt": PROMPT, "num_inference_steps": 2, "progress": False} | kwargs
     with pytest.raises(ValueError, match=message):
-        pipe(kwargs.pop("prompt"), **kwargs)
+        tiny_pipe(kwargs.pop("prompt"), **kwargs)
 
 
-def test_img2img_bad_strength_and_non_finite_output(pipe):
+def test_img2img_bad_strength_and_non_finite_output(tiny_pipe):
     image = Image.new("RGB", (32, 32), (200, 10, 10))
     for strength in (-0.1, 1.5):
         with pytest.raises(ValueError, match=f"strength must be in \\[0, 1\\], got {strength}"):
-            pipe.img2img(PROMPT, image, strength=strength, num_inference_steps=2)
+            tiny_pipe.img2img(PROMPT, image, strength=strength, num_inference_steps=2)
     nan_latents = torch.full((1, 4, 16, 16), float("nan"))
     with pytest.raises(FloatingPointError, match="NaN or infinite"):
-        pipe(PROMPT, latents=nan_latents, num_inference_steps=2, progress=False)
+        tiny_pipe(PROMPT, latents=nan_latents, num_inference_steps=2, progress=False)
 
 
 def test_from_pretrained_errors(tmp_path):
@@ -230,13 +221,13 @@ def test_parameters_text_round_trip_and_png_chunks(tmp_path):
         imaging.save_png(image, tmp_path / "latin.png", text)
 
 
-def test_generate_command_writes_pngs_manifest_and_never_overwrites(model_dir, tmp_path, capsys):
+def test_generate_command_writes_pngs_manifest_and_never_overwrites(tiny_sd_dir, tmp_path, capsys):
     out = tmp_path / "out"
     args = [
         "generate",
         PROMPT,
         "--model",
-        str(model_dir),
+        str(tiny_sd_dir),
         "--steps",
         "4",
         "--seed",
@@ -260,7 +251,7 @@ def test_generate_command_writes_pngs_manifest_and_never_overwrites(model_dir, t
     ]
     assert manifest[0] | {"file": None} == {
         "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 5, "sampler": "ddim", "steps": 4, "guidance_scale": 7.5,
-        "eta": 0.0, "width": 32, "height": 32, "strength": None, "init_image": None, "model": model_dir.name, "file": None,
+        "eta": 0.0, "width": 32, "height": 32, "strength": None, "init_image": None, "model": tiny_sd_dir.name, "file": None,
     }  # fmt: skip
     settings = imaging.parse_parameters(imaging.read_parameters(out / "00001-6.png"))
     assert (
@@ -277,7 +268,7 @@ def test_generate_command_writes_pngs_manifest_and_never_overwrites(model_dir, t
                 "--from-png",
                 str(out / "00001-6.png"),
                 "--model",
-                str(model_dir),
+                str(tiny_sd_dir),
                 "--out",
                 str(out),
             ]
@@ -291,12 +282,12 @@ def test_generate_command_writes_pngs_manifest_and_never_overwrites(model_dir, t
     assert Image.open(out / "00002-grid.png").size == (64, 32)
 
 
-def test_generate_from_file_and_init_image(model_dir, tmp_path):
+def test_generate_from_file_and_init_image(tiny_sd_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
     Image.new("RGB", (40, 36), (20, 200, 30)).save(tmp_path / "init.png")
     out = tmp_path / "out"
-    common = ["--model", str(model_dir), "--steps", "4", "--seed", "0", "--out", str(out)]
+    common = ["--model", str(tiny_sd_dir), "--steps", "4", "--seed", "0", "--out", str(out)]
     assert main(["generate", "--from-file", str(prompts), *common]) == 0
     assert (
         main(
@@ -331,9 +322,11 @@ def test_generate_from_file_and_init_image(model_dir, tmp_path):
     ],
 )
 def test_generate_bad_arguments_exit_nonzero_with_a_message(
-    model_dir, tmp_path, capsys, args, message
+    tiny_sd_dir, tmp_path, capsys, args, message
 ):
-    assert main(["generate", PROMPT, "--model", str(model_dir), "--out", str(tmp_path), *args]) == 2
+    assert (
+        main(["generate", PROMPT, "--model", str(tiny_sd_dir), "--out", str(tmp_path), *args]) == 2
+    )
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not list(tmp_path.glob("*.png"))

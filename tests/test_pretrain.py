@@ -9,11 +9,11 @@ import torch
 
 from ldm.autoencoder import FrozenVAE
 from ldm.config import CLIPTrainConfig, VAETrainConfig
+from ldm.images import psnr
 from ldm.pretrain import (
     build_clip,
     build_vae,
     load_image_folder,
-    psnr,
     reconstruction_psnr,
     to_model_range,
     train_clip,

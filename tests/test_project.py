@@ -17,7 +17,7 @@ ALLOWED_IMPORTS = {
     "config": set(),
     "shapes": set(),
     "evaluation": {"images", "shapes"},
-    "pretrain": {"checkpoint", "config", "shapes", "text_encoder"},
+    "pretrain": {"checkpoint", "config", "images", "shapes", "text_encoder"},
     "default_model": {
         "checkpoint",
         "config",

@@ -18,16 +18,14 @@ from ldm.convert import (
     vae_diffusers_to_compvis,
 )
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.testing import save_tiny_stable_diffusion
 from ldm.text_encoder import FrozenTextEncoder
 
 PROMPT = "a large red circle in the center on a blue background"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny") / "tiny-sd", perturb=0.05)
-    return folder, LatentDiffusionPipeline.from_pretrained(folder)
+def tiny(tiny_sd_dir, tiny_pipe):
+    return tiny_sd_dir, tiny_pipe
 
 
 def tiny_configs(pipe):

@@ -18,15 +18,14 @@ from test_data import EXPECTED_SKIPPED, messy  # noqa: F401  (messy is a fixture
 from ldm.config import TrainConfig
 from ldm.losses import diffusion_loss
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.testing import save_tiny_stable_diffusion
 from ldm.training import train
 
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0), "yellow": (255, 255, 0)}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny") / "tiny-sd", perturb=0.05)
+def model(tiny_sd_dir):
+    return tiny_sd_dir
 
 
 def colour_dataset(folder, bad=False):
