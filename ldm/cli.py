@@ -171,6 +171,19 @@ def _eval_shapes(args: argparse.Namespace) -> None:
     print(format_table(results))
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser, config_help: str, example: str) -> None:
+    """The arguments of every training command: CONFIG, --set KEY=VALUE and --resume."""
+    parser.add_argument("config", help=config_help)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. {example} (repeatable)",
+    )
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldm",
@@ -272,15 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUTPUT_DIR/log.jsonl, the data report to OUTPUT_DIR/data_report.json, and the final "
         "pipeline to OUTPUT_DIR/model. Runs under `accelerate launch` for several processes.",
     )
-    train.add_argument("config", help="a YAML training config")
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. train.max_steps=200 (repeatable)",
-    )
-    train.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
+    _add_run_arguments(train, "a YAML training config", "train.max_steps=200")
     train.set_defaults(func=_train)
 
     check = commands.add_parser(
@@ -359,15 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"{name.removeprefix('train-')}.yaml says. Checkpoints go to OUTPUT_DIR/checkpoints, "
             "the log to OUTPUT_DIR/log.jsonl.",
         )
-        sub.add_argument("config", help="a YAML config")
-        sub.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config value, e.g. max_steps=100 (repeatable)",
-        )
-        sub.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
+        _add_run_arguments(sub, "a YAML config", "max_steps=100")
         sub.set_defaults(func=func)
 
     default = commands.add_parser(
