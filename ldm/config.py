@@ -282,6 +282,12 @@ LR_SCHEDULERS = ("constant", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
+def resolve_model(model: str | None) -> str | None:
+    """A model argument as a folder: ``default`` names the shipped model (`DEFAULT_MODEL`);
+    anything else is returned as it is."""
+    return str(DEFAULT_MODEL) if model == "default" else model
+
+
 @dataclass
 class TrainSettings:
     """``train.*``: the optimisation. ``max_steps`` counts optimizer updates."""
@@ -354,8 +360,9 @@ class TrainConfig:
     """A training run: what to train, on which data, how, and where to write it.
 
     ``model``: a pipeline folder to fine-tune (its U-Net trains; VAE and text encoder stay
-    frozen), or ``default`` for the shipped default model (`DEFAULT_MODEL`). Or ``unet`` (a preset name or a U-Net config.json) with ``vae`` and
-    ``text_encoder`` folders, to train a fresh U-Net.
+    frozen), or ``default`` for the shipped default model (`resolve_model`). Or ``unet`` (a
+    preset name or a U-Net config.json) with ``vae`` and ``text_encoder`` folders, to train a
+    fresh U-Net.
     """
 
     data: DataConfig
@@ -368,8 +375,7 @@ class TrainConfig:
     validation: ValidationSettings = dataclasses.field(default_factory=ValidationSettings)
 
     def __post_init__(self) -> None:
-        if self.model == "default":
-            self.model = str(DEFAULT_MODEL)
+        self.model = resolve_model(self.model)
         if self.model is None and (
             self.unet is None or self.vae is None or self.text_encoder is None
         ):

@@ -178,14 +178,8 @@ def img2img_sweep(
     prompts = [prompt] * len(specs) if isinstance(prompt, str) else list(prompt)
     others = [*specs[1:], specs[0]]  # each image scored against its neighbour's attributes
     starts, snrs, scores, kept, chance, outputs = [], [], [], [], [], []
-    s = pipe.scheduler
     for strength in strengths:
-        t, snr = start_snr(
-            pipe.schedule,
-            num_steps,
-            strength,
-            **s.spacing,
-        )
+        t, snr = start_snr(pipe.schedule, num_steps, strength, **pipe.scheduler.spacing)
         result = pipe.img2img(
             prompts,
             inputs,
@@ -345,7 +339,11 @@ def run_theory(
     prompted = img2img_sweep(pipe, specs, prompt=captions, guidance_scale=guidance_scale, **common)
     inversion = inversion_roundtrip(pipe, specs, num_steps=num_steps)
     image = render(specs[0])
-    latent_shape = list(pipe.encode_images(image).shape[1:])  # [C, h, w]
+    latent_shape = [  # [C, h, w], as the VAE encodes the image
+        pipe.unet.config.in_channels,
+        image.height // pipe.vae_scale,
+        image.width // pipe.vae_scale,
+    ]
     dims = math.prod(latent_shape)
     bits = [information_bound_bits(snr, dims, inversion.latent_power) for snr in uncond.snr]
     results = {

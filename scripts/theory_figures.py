@@ -138,8 +138,9 @@ def main() -> None:
     for key, images in inversion.images.items():
         columns[COLUMN_TITLES.get(key, key)] = images[: args.rows]
     labelled_grid(columns, out / "theory_inversion.png", "DDIM from inverted vs noised x_T")
-    (out / "theory_tables.md").write_text(format_tables(results) + "\n")
-    print(format_tables(results))
+    tables = format_tables(results)
+    (out / "theory_tables.md").write_text(tables + "\n")
+    print(tables)
 
 
 if __name__ == "__main__":
