@@ -23,11 +23,6 @@ from ldm.text_encoder import FrozenTextEncoder
 PROMPT = "a large red circle in the center on a blue background"
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_sd_dir, tiny_pipe):
-    return tiny_sd_dir, tiny_pipe
-
-
 def tiny_configs(pipe):
     return dict(
         unet_config=pipe.unet.config,
@@ -43,58 +38,54 @@ def generate(pipe, **kwargs):
     ).images
 
 
-def test_vae_names_agree_with_diffusers_converter(tiny):
-    _, pipe = tiny
-    state = pipe.vae.vae.state_dict()
+def test_vae_names_agree_with_diffusers_converter(tiny_pipe):
+    state = tiny_pipe.vae.vae.state_dict()
     compvis = {
         COMPVIS_VAE_PREFIX + k: v
-        for k, v in vae_diffusers_to_compvis(state, dict(pipe.vae.vae.config)).items()
+        for k, v in vae_diffusers_to_compvis(state, dict(tiny_pipe.vae.vae.config)).items()
     }
     assert (
         compvis[COMPVIS_VAE_PREFIX + "encoder.mid.attn_1.q.weight"].ndim == 4
     )  # 1x1 convs, as CompVis stores them
-    back = convert_ldm_vae_checkpoint(compvis, pipe.vae.vae.config)
+    back = convert_ldm_vae_checkpoint(compvis, tiny_pipe.vae.vae.config)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k].reshape(state[k].shape), state[k]) for k in state)
 
 
-def test_sd1_single_file_round_trip(tiny, tmp_path):
-    _, pipe = tiny
-    pipe.save_single_file(tmp_path / "model.safetensors")
+def test_sd1_single_file_round_trip(tiny_pipe, tmp_path):
+    tiny_pipe.save_single_file(tmp_path / "model.safetensors")
     keys = load_file(tmp_path / "model.safetensors").keys()
     assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
     loaded = LatentDiffusionPipeline.from_single_file(
-        tmp_path / "model.safetensors", **tiny_configs(pipe)
+        tmp_path / "model.safetensors", **tiny_configs(tiny_pipe)
     )
-    np.testing.assert_array_equal(generate(loaded), generate(pipe))
+    np.testing.assert_array_equal(generate(loaded), generate(tiny_pipe))
     assert (
         loaded.scheduler.prediction_type == "epsilon"
         and loaded.text_encoder.tokenizer.pad_token == "<|endoftext|>"
     )
     with pytest.raises(ValueError, match="exists; choose a new file name"):
-        pipe.save_single_file(tmp_path / "model.safetensors")
+        tiny_pipe.save_single_file(tmp_path / "model.safetensors")
 
 
-def test_ldm_convert_whole_pipelines_both_ways(tiny, tmp_path):
-    folder, pipe = tiny
-    assert main(["convert", str(folder), str(tmp_path / "model.safetensors")]) == 0
+def test_ldm_convert_whole_pipelines_both_ways(tiny_sd_dir, tiny_pipe, tmp_path):
+    assert main(["convert", str(tiny_sd_dir), str(tmp_path / "model.safetensors")]) == 0
     # an SD single file with shipped-size configs cannot hold tiny weights: give the tiny ones
     loaded = LatentDiffusionPipeline.from_single_file(
-        tmp_path / "model.safetensors", **tiny_configs(pipe)
+        tmp_path / "model.safetensors", **tiny_configs(tiny_pipe)
     )
     loaded.save_pretrained(tmp_path / "folder")
     reference = StableDiffusionPipeline.from_pretrained(tmp_path / "folder", safety_checker=None)
     reference.set_progress_bar_config(disable=True)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     expected = reference(PROMPT, latents=latents, num_inference_steps=4, output_type="np").images
-    np.testing.assert_allclose(generate(pipe), expected, rtol=0, atol=1 / 255 + 1e-6)
+    np.testing.assert_allclose(generate(tiny_pipe), expected, rtol=0, atol=1 / 255 + 1e-6)
 
 
 @pytest.fixture(scope="module")
-def sd2_file(tiny, tmp_path_factory):
+def sd2_file(tiny_pipe, tmp_path_factory):
     """An SD 2-format single file: tiny U-Net and VAE, and a tiny OpenCLIP text tower under
     ``cond_stage_model.model.``."""
-    _, pipe = tiny
     torch.manual_seed(1)
     clip = open_clip.CLIP(**TINY_OPEN_CLIP).eval()
     with torch.no_grad():
@@ -105,12 +96,14 @@ def sd2_file(tiny, tmp_path_factory):
     }
     state = {
         COMPVIS_UNET_PREFIX + k: v
-        for k, v in unet_diffusers_to_compvis(pipe.unet.state_dict(), pipe.unet.config).items()
+        for k, v in unet_diffusers_to_compvis(
+            tiny_pipe.unet.state_dict(), tiny_pipe.unet.config
+        ).items()
     }
     state |= {
         COMPVIS_VAE_PREFIX + k: v
         for k, v in vae_diffusers_to_compvis(
-            pipe.vae.vae.state_dict(), dict(pipe.vae.vae.config)
+            tiny_pipe.vae.vae.state_dict(), dict(tiny_pipe.vae.vae.config)
         ).items()
     }
     folder = tmp_path_factory.mktemp("sd2")
@@ -121,10 +114,11 @@ def sd2_file(tiny, tmp_path_factory):
     return folder
 
 
-def test_sd2_single_file_needs_the_prediction_type_and_uses_the_penultimate_block(tiny, sd2_file):
-    _, pipe = tiny
+def test_sd2_single_file_needs_the_prediction_type_and_uses_the_penultimate_block(
+    tiny_pipe, sd2_file
+):
     width, layers = TINY_OPEN_CLIP["text_cfg"]["width"], TINY_OPEN_CLIP["text_cfg"]["layers"]
-    configs = tiny_configs(pipe) | {
+    configs = tiny_configs(tiny_pipe) | {
         "text_encoder_config": dict(
             vocab_size=49408,
             hidden_size=width,
