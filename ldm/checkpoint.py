@@ -22,38 +22,78 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 class EMA:
-    """Exponential moving average of parameters: ema <- decay * ema + (1 - decay) * param.
+    """Exponential moving average of parameters: ema <- decay_n * ema + (1 - decay_n) * param.
 
-    Kept in float32 on the parameters' device; ``copy_to`` writes it into a model (for
-    validation and export), ``state_dict``/``load_state_dict`` save and restore it exactly.
+    The decay warms up as diffusers' ``EMAModel.get_decay`` does, so that a short run's average
+    follows the run instead of staying at the starting weights. At the n-th update (n >= 1):
+
+        k = n - 1;  decay_n = 0 for k = 0 (the first update copies), else
+        decay_n = min(decay, (1 + k) / (10 + k))                  (the default), or
+        decay_n = min(decay, 1 - (1 + k / inv_gamma) ** -power)   (with ``power``: the power-law
+                                                                   warm-up of Karras et al. 2022)
+
+    A fixed 0.9999 without warm-up would leave a 400-step fine-tune 0.9999^400 = 96% the
+    starting weights. Kept in float32 on the parameters' device; ``copy_to`` writes it into a
+    model (for validation and export), ``state_dict``/``load_state_dict`` save and restore it
+    exactly, the update count included.
     """
 
-    def __init__(self, parameters: Iterable[nn.Parameter], decay: float) -> None:
+    def __init__(
+        self,
+        parameters: Iterable[nn.Parameter],
+        decay: float,
+        *,
+        power: float | None = None,
+        inv_gamma: float = 1.0,
+    ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        if power is not None and power <= 0:
+            raise ValueError(f"ema_power must be null or > 0, got {power}")
+        if inv_gamma <= 0:
+            raise ValueError(f"ema_inv_gamma must be > 0, got {inv_gamma}")
+        self.decay, self.power, self.inv_gamma = decay, power, inv_gamma
+        self.num_updates = 0
         self.shadow = [p.detach().float().clone() for p in parameters]
+
+    def decay_at(self, n: int) -> float:
+        """The decay that the n-th update (n >= 1) uses."""
+        k = n - 1
+        if k <= 0:
+            return 0.0
+        if self.power is None:
+            warm = (1 + k) / (10 + k)
+        else:
+            warm = 1 - (1 + k / self.inv_gamma) ** -self.power
+        return min(self.decay, warm)
 
     @torch.no_grad()
     def update(self, parameters: Iterable[nn.Parameter]) -> None:
         params = list(parameters)
         if len(params) != len(self.shadow):
             raise ValueError(f"EMA tracks {len(self.shadow)} parameters, got {len(params)}")
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in params], 1.0 - self.decay)
+        self.num_updates += 1
+        weight = 1.0 - self.decay_at(self.num_updates)
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in params], weight)
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:
         for s, p in zip(self.shadow, parameters, strict=True):
             p.copy_(s.to(p.dtype))
 
-    def state_dict(self) -> dict[str, Tensor | float]:
-        return {"decay": self.decay, **{f"shadow.{i}": s for i, s in enumerate(self.shadow)}}
+    def state_dict(self) -> dict[str, Tensor | float | int | None]:
+        settings = {"decay": self.decay, "power": self.power, "inv_gamma": self.inv_gamma}
+        shadow = {f"shadow.{i}": s for i, s in enumerate(self.shadow)}
+        return {**settings, "num_updates": self.num_updates, **shadow}
 
     def load_state_dict(self, state: dict) -> None:
         shadow = [state[f"shadow.{i}"] for i in range(len(self.shadow))]
         if any(a.shape != b.shape for a, b in zip(shadow, self.shadow, strict=True)):
             raise ValueError("the EMA state does not fit this model's parameters")
         self.decay = float(state["decay"])
+        self.power, self.inv_gamma = state.get("power"), float(state.get("inv_gamma", 1.0))
+        # A checkpoint from before the warm-up used its fixed decay at every update: resume it so.
+        self.num_updates = int(state.get("num_updates", 1 << 62))
         self.shadow = [
             s.float().to(old.device).clone() for s, old in zip(shadow, self.shadow, strict=True)
         ]

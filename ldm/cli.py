@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ldm import __version__
-from ldm.config import UNET_PRESETS
+from ldm.config import UNET_PRESETS, TrainConfig, resolve_model
 from ldm.sampling import TIMESTEP_SPACINGS, make_timesteps
 from ldm.schedule import BETA_SCHEDULES, NoiseSchedule
 
@@ -98,22 +98,60 @@ def _check_data(args: argparse.Namespace) -> None:
     from ldm.data import DataConfig, scan
     from ldm.text_encoder import build_clip_tokenizer, count_tokens
 
+    config = None
     if args.path.endswith((".yaml", ".yml")):  # a training config: check its data section
-        from ldm.config import TrainConfig
-
-        data = TrainConfig.from_yaml(args.path).data
+        config = TrainConfig.from_yaml(args.path)
+        data = config.data
     else:
         data = DataConfig(args.path, caption_column=args.caption_column, resolution=args.resolution)
     report = scan(data)
     print(report.to_text())
-    counts = count_tokens(build_clip_tokenizer(), [sample.caption for sample in report.samples])
-    too_long = sum(n > args.max_tokens for n in counts)
-    print(
-        f"captions over the text encoder's {args.max_tokens} tokens (truncated in training): {too_long} of {len(counts)}"
+    captions = [sample.caption for sample in report.samples]
+    extra, extra_text, tokenizer = {}, "", None
+    folders = _fit_folders(args.model, config)
+    if folders is not None and report.samples:
+        import torch
+
+        from ldm.autoencoder import FrozenVAE
+        from ldm.model_fit import measure_fit
+        from ldm.text_encoder import load_tokenizer
+
+        vae = FrozenVAE.from_pretrained(folders[0])
+        vae.to("cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = load_tokenizer(folders[1])
+        name = folders[0] if folders[0] == folders[1] else f"{folders[0]} + {folders[1]}"
+        fit = measure_fit(
+            vae, tokenizer, data, report.samples, model=name, vae_sample=args.vae_sample
+        )
+        extra_text = fit.to_text()
+        extra["model_fit"] = fit.to_dict()
+    if tokenizer is None:  # no model: CLIP's own vocabulary and limit
+        tokenizer = build_clip_tokenizer()
+    max_tokens = args.max_tokens or tokenizer.model_max_length
+    too_long = sum(n > max_tokens for n in count_tokens(tokenizer, captions))
+    extra_text += (
+        f"captions over the text encoder's {max_tokens} tokens (truncated in training): "
+        f"{too_long} of {len(captions)}\n"
     )
+    extra["long_captions"] = {"max_tokens": max_tokens, "count": too_long}
+    print(extra_text, end="")
     if args.report:
-        json_path, text_path = report.save(args.report)
+        json_path, text_path = report.save(args.report, extra=extra, extra_text=extra_text)
         print(f"report written to {json_path} and {text_path}")
+
+
+def _fit_folders(model: str | None, config: TrainConfig | None) -> tuple[str, str] | None:
+    """The (VAE, tokenizer) folders ``check-data`` measures: ``--model``, else a training
+    config's model (or its ``vae`` and ``text_encoder``), else the shipped model; None for
+    ``--model none``."""
+    if model == "none":
+        return None
+    if model is None and config is not None:
+        if config.model is not None:
+            return config.model, config.model
+        return config.vae, config.text_encoder
+    folder = resolve_model(model or "default")
+    return folder, folder
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -169,6 +207,27 @@ def _eval_shapes(args: argparse.Namespace) -> None:
     )
     results = evaluate(pipe, n=args.n, settings=settings, seed=args.seed, out_dir=args.out)
     print(format_table(results))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from ldm.config import DataConfig, resolve_model
+    from ldm.metrics import evaluate_on_data, format_results
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    def data(path: str) -> DataConfig:
+        return DataConfig(path, caption_column=args.caption_column, resolution=args.resolution)
+
+    results = evaluate_on_data(
+        LatentDiffusionPipeline.from_pretrained(resolve_model(args.model)),
+        data(args.data),
+        n=args.n,
+        heldout=data(args.heldout) if args.heldout else None,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        out_dir=args.out,
+    )
+    print(format_results(results))
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser, config_help: str, example: str) -> None:
@@ -290,12 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check-data",
-        help="check an image-caption dataset before training: bad files, sizes, long captions",
+        help="check an image-caption dataset before training: bad files, sizes, long captions, "
+        "model fit",
         description="Scan an image-caption dataset as training would read it: a folder with "
         "metadata.jsonl/metadata.csv (file_name + caption), images with same-name .txt captions, "
         "a JSONL/CSV manifest, or a datasets save_to_disk folder. Prints which files would be "
-        "skipped (and why), which are converted, the image-size histogram, and how many captions "
-        "exceed the text encoder's token limit.",
+        "skipped (and why), which are converted, the image-size histogram, how many captions "
+        "exceed the text encoder's token limit, and how well the model's frozen VAE and "
+        "tokenizer fit the data (PSNR of VAE reconstructions, caption words the tokenizer "
+        "splits), with a warning and what to do when they fit poorly.",
     )
     check.add_argument(
         "path", help="a training config (.yaml), or the dataset folder or manifest file"
@@ -305,7 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolution", type=int, default=64, help="training resolution (default: 64)"
     )
     check.add_argument(
-        "--max-tokens", type=int, default=77, help="the text encoder's limit (default: 77)"
+        "--max-tokens",
+        type=int,
+        help="the text encoder's token limit (default: the model tokenizer's, 77 with --model none)",
+    )
+    check.add_argument(
+        "--model",
+        help="measure how this model's VAE and tokenizer fit the data: a pipeline folder, "
+        "'default' (the shipped model) or 'none' to skip (default: a training config's model, "
+        "else 'default')",
+    )
+    check.add_argument(
+        "--vae-sample",
+        type=int,
+        default=64,
+        metavar="N",
+        help="images (seeded sample) passed through the VAE to measure its PSNR (default: 64)",
     )
     check.add_argument(
         "--report", help="also write the report to this .json file (and a .txt beside it)"
@@ -415,6 +492,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="also write results.json and an image grid per setting to this folder"
     )
     evaluation.set_defaults(func=_eval_shapes)
+
+    on_data = commands.add_parser(
+        "eval",
+        help="score a model on an image-caption dataset: distances to the captions' own images",
+        description="Generate one image per caption (the same seed for each) for N captions of "
+        "a dataset and compare them with the dataset's images: the RMS distance to the caption's "
+        "own image (and the VAE round trip's, its floor), how often it is nearer its own image "
+        "than 19 random others, the nearest dataset image (a memorisation check), and the VAE's "
+        "PSNR. Nothing is downloaded. Writes results.json and grid.png with --out.",
+    )
+    on_data.add_argument("model", help="a pipeline folder, or 'default' for the shipped model")
+    on_data.add_argument("data", help="the dataset, in any form `ldm train` reads")
+    on_data.add_argument("--heldout", help="held-out images for the VAE's PSNR")
+    on_data.add_argument("--n", type=int, default=100, help="captions to generate (default: 100)")
+    on_data.add_argument("--caption-column", default="text", help="(default: text)")
+    on_data.add_argument("--resolution", type=int, default=64, help="(default: 64)")
+    on_data.add_argument("--steps", type=int, default=30, help="DDIM steps (default: 30)")
+    on_data.add_argument("--guidance-scale", type=float, default=7.5, help="(default: 7.5)")
+    on_data.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    on_data.add_argument("--out", help="write results.json and grid.png to this folder")
+    on_data.set_defaults(func=_eval)
     return parser
 
 

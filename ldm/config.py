@@ -301,6 +301,8 @@ class TrainSettings:
     seed: int = 0
     mixed_precision: str = "no"
     ema_decay: float | None = 0.9999
+    ema_power: float | None = None
+    ema_inv_gamma: float = 1.0
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     caption_dropout: float = 0.1
@@ -311,6 +313,10 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.01
     gradient_checkpointing: bool = False
+    train_vae_decoder: bool = False
+    vae_learning_rate: float | None = None
+    train_text_encoder: bool = False
+    text_encoder_learning_rate: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -329,6 +335,24 @@ class TrainSettings:
                 "ema_decay",
                 self.ema_decay is None or 0 <= self.ema_decay < 1,
                 "null or a number in [0, 1)",
+            ),
+            ("ema_power", self.ema_power is None or self.ema_power > 0, "null or a number > 0"),
+            ("ema_inv_gamma", self.ema_inv_gamma > 0, "a number > 0"),
+            (
+                "vae_learning_rate",
+                self.vae_learning_rate is None or self.vae_learning_rate > 0,
+                "null (train.learning_rate) or a number > 0",
+            ),
+            (
+                "text_encoder_learning_rate",
+                self.text_encoder_learning_rate is None or self.text_encoder_learning_rate > 0,
+                "null (train.learning_rate) or a number > 0",
+            ),
+            (
+                "cache_latents",
+                not (self.cache_latents and self.train_text_encoder),
+                "false with train.train_text_encoder: true (a training encoder's embeddings "
+                "change every step, so they cannot be cached)",
             ),
             ("keep_checkpoints", self.keep_checkpoints >= 1, "an integer >= 1"),
             (

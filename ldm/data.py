@@ -124,15 +124,19 @@ class DataReport:
         ]
         return "\n".join(lines) + "\n"
 
-    def save(self, path: str | Path) -> tuple[Path, Path]:
-        """Write ``path`` (JSON, must end in .json) and the text report next to it (.txt)."""
+    def save(
+        self, path: str | Path, *, extra: dict[str, Any] | None = None, extra_text: str = ""
+    ) -> tuple[Path, Path]:
+        """Write ``path`` (JSON, must end in .json) and the text report next to it (.txt).
+        ``extra`` adds keys to the JSON and ``extra_text`` lines to the text (``ldm check-data``
+        adds its model-fit figures)."""
         path = Path(path)
         if path.suffix != ".json":
             raise ValueError(f"a report path must end in .json (text goes next to it): {path}")
         text_path = path.with_suffix(".txt")
-        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        text = json.dumps(self.to_dict() | (extra or {}), indent=2, ensure_ascii=False) + "\n"
         path.write_text(text, encoding="utf-8")
-        text_path.write_text(self.to_text(), encoding="utf-8")
+        text_path.write_text(self.to_text() + extra_text, encoding="utf-8")
         return path, text_path
 
 

@@ -92,3 +92,13 @@ def loss_by_timestep_bucket(
             hi = (b + 1) * width - 1 if b < buckets - 1 else num_train_timesteps - 1
             out[f"{b * width}-{hi}"] = per_sample[mask].mean().item()
     return out
+
+
+def decoder_loss(vae, latents: Tensor, pixels: Tensor) -> Tensor:
+    """Fine-tuning a VAE's decoder, as SD's ft-MSE VAE was made: MSE between the decoded
+    ``latents`` (B, C, h, w), scaled as `FrozenVAE.encode` gives them (posterior samples of the
+    frozen encoder), and the images ``pixels`` (B, 3, H, W) in [-1, 1]. ``vae`` is a `FrozenVAE`;
+    gradients reach its decoder (and post_quant_conv) only."""
+    z = latents / vae.scaling_factor + vae.shift_factor  # unscaled, as the decoder reads them
+    decoded = vae.vae.decode(z.to(vae.dtype)).sample.float()  # (B, 3, H, W)
+    return torch.nn.functional.mse_loss(decoded, pixels.float())

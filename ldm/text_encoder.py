@@ -107,6 +107,17 @@ def clean_prompt(prompt: str) -> str:
     return whitespace_clean(basic_clean(prompt)).lower()
 
 
+def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
+    """The `CLIPTokenizer` of a diffusers pipeline folder (``folder/tokenizer/``), or of a
+    tokenizer folder itself."""
+    folder = Path(folder)
+    if (folder / "tokenizer").is_dir():
+        folder = folder / "tokenizer"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no tokenizer folder at {folder}; pass a pipeline folder")
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def clip_encode(tokenizer: CLIPTokenizer, prompts: list[str], **kwargs) -> dict:
     """Tokenize cleaned prompts as CLIP was trained. ``split_special_tokens``: "!!!" stays one
     token when "!" is the pad token, as in open_clip."""
@@ -204,11 +215,15 @@ class FrozenTextEncoder(nn.Module):
 
     def forward(self, prompts: list[str] | str) -> Tensor:
         """(B, L=max_length, D) embeddings on the module's device, in its dtype."""
-        tokens = self.tokenize(prompts).to(self.device)  # (B, L)
         with torch.no_grad():
-            if self.kind == "transformers":
-                return self.model(input_ids=tokens).last_hidden_state  # (B, L, D)
-            return self._open_clip_penultimate(tokens)
+            return self.embed(prompts)
+
+    def embed(self, prompts: list[str] | str) -> Tensor:
+        """``forward`` with gradients, for fine-tuning the encoder (``train.train_text_encoder``)."""
+        tokens = self.tokenize(prompts).to(self.device)  # (B, L)
+        if self.kind == "transformers":
+            return self.model(input_ids=tokens).last_hidden_state  # (B, L, D)
+        return self._open_clip_penultimate(tokens)
 
     def _open_clip_penultimate(self, tokens: Tensor) -> Tensor:
         """SD 2's FrozenOpenCLIPEmbedder: every block but the last, then ln_final."""

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from ldm.cache import encode_dataset, fingerprint
 from ldm.checkpoint import EMA, begin_checkpoint, commit_checkpoint, resolve_resume
-from ldm.config import SchedulerConfig, TrainConfig, UNetConfig
+from ldm.config import SchedulerConfig, TrainConfig, TrainSettings, UNetConfig
 from ldm.data import ImageCaptionDataset, scan
 from ldm.images import make_grid
-from ldm.losses import diffusion_loss, loss_by_timestep_bucket
+from ldm.losses import decoder_loss, diffusion_loss, loss_by_timestep_bucket
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.unet import UNet
 
@@ -97,6 +97,34 @@ def _load_models(config: TrainConfig) -> LatentDiffusionPipeline:
     return pipe
 
 
+def _unfreeze(
+    pipe: LatentDiffusionPipeline, t: TrainSettings
+) -> list[tuple[torch.nn.Module, list[torch.nn.Parameter], float]]:
+    """The frozen parts that ``train.train_vae_decoder`` and ``train.train_text_encoder`` fine-tune:
+    (module to checkpoint, its trained parameters, their learning rate). The VAE's encoder always
+    stays frozen, so the latents the U-Net learns from keep their meaning."""
+    extra = []
+    if t.train_vae_decoder:
+        vae = pipe.vae.vae
+        params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+        extra.append((pipe.vae, params, t.vae_learning_rate or t.learning_rate))
+    if t.train_text_encoder:
+        params = list(pipe.text_encoder.model.parameters())
+        extra.append((pipe.text_encoder, params, t.text_encoder_learning_rate or t.learning_rate))
+    for _, params, _ in extra:
+        for p in params:
+            p.requires_grad_(True)
+    return extra
+
+
+def _average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """The mean gradient over processes, for modules that Accelerate did not wrap."""
+    if accelerator.num_processes > 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+
 def _lr_lambda(config: TrainConfig):
     t = config.train
 
@@ -139,13 +167,14 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
     )
     main = accelerator.is_main_process
 
-    # 1. Models: the U-Net trains; the VAE and text encoder stay frozen.
+    # 1. Models: the U-Net trains; the VAE's decoder and the text encoder only when asked.
     pipe = _load_models(config)
     unet = pipe.unet.train().requires_grad_(True)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     pipe.vae.to(accelerator.device)
     pipe.text_encoder.to(accelerator.device)
+    extra = _unfreeze(pipe, t)  # [(module, parameters, learning rate)]
 
     # 2. Data: every sample checked up front; the report lists what was skipped or converted.
     report = scan(config.data)
@@ -166,18 +195,36 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
 
     # 3. Optimizer and learning-rate schedule.
     fused = accelerator.device.type in ("cpu", "cuda")  # one kernel per step: 4x faster on CPU
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused
-    )
+    groups = [{"params": list(unet.parameters()), "lr": t.learning_rate}]
+    groups += [{"params": params, "lr": lr} for _, params, lr in extra]
+    optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=fused)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     # The schedule is stepped once per optimizer update by us, not by Accelerate (which would step
     # it once per process), and checkpointed as a registered object. Accelerate saves registered
     # objects from the main process only, so each process saves its own TrainingState.
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    ema = EMA(accelerator.unwrap_model(unet).parameters(), t.ema_decay) if t.ema_decay else None
+
+    def trained_parameters() -> list[torch.nn.Parameter]:
+        return [
+            *accelerator.unwrap_model(unet).parameters(),
+            *(p for _, ps, _ in extra for p in ps),
+        ]
+
+    ema = (
+        EMA(
+            trained_parameters(),
+            t.ema_decay,
+            power=t.ema_power,
+            inv_gamma=t.ema_inv_gamma,
+        )
+        if t.ema_decay
+        else None
+    )
     generator = torch.Generator().manual_seed(t.seed * 7919 + accelerator.process_index)
     state = TrainingState(0, 0, 0, generator, data_generator)
     accelerator.register_for_checkpointing(lr_schedule)
+    for module, _, _ in extra:  # not prepared, so checkpointed as registered objects
+        accelerator.register_for_checkpointing(module)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
@@ -243,6 +290,7 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
             indices = batches[state.position]
             state.position += 1
             drop = torch.rand(len(indices), generator=state.generator) < t.caption_dropout  # (B,)
+            pixels = None
             if encoded is not None:
                 mean, std = encoded.means[indices], encoded.stds[indices]  # (B, C, h, w)
                 noise = torch.randn(mean.shape, generator=state.generator)
@@ -253,6 +301,9 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
                     drop[:, None, None], encoded.empty_context, encoded.contexts[indices]
                 )
                 context = context.to(accelerator.device)  # (B, L, D)
+                if t.train_vae_decoder:
+                    pixels = torch.stack([dataset[i]["pixels"] for i in indices])
+                    pixels = pixels.to(accelerator.device)  # (B, 3, H, W)
             else:
                 items = [dataset[i] for i in indices]
                 pixels = torch.stack([item["pixels"] for item in items]).to(accelerator.device)
@@ -262,7 +313,8 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
                 x0 = pipe.vae.encode(
                     pixels, generator=state.generator, sample=True
                 ).float()  # (B, C, h, w)
-                context = pipe.text_encoder(captions).float()  # (B, L, D)
+                encode_text = pipe.text_encoder.embed if t.train_text_encoder else pipe.text_encoder
+                context = encode_text(captions).float()  # (B, L, D)
             with accelerator.accumulate(unet):
                 result = diffusion_loss(
                     unet,
@@ -273,13 +325,18 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
                     min_snr_gamma=t.min_snr_gamma,
                     noise_offset=t.noise_offset,
                 )
-                finite = (
-                    accelerator.gather(torch.isfinite(result.loss).reshape(1).float()).min() > 0
-                )
+                loss = result.loss
+                if t.train_vae_decoder:  # its own objective; the latents stay the encoder's
+                    decoder_mse = decoder_loss(pipe.vae, x0, pixels)
+                    loss = loss + decoder_mse
+                finite = accelerator.gather(torch.isfinite(loss).reshape(1).float()).min() > 0
                 if finite:
-                    accelerator.backward(result.loss)
+                    accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
+                        for _, params, _ in extra:  # not prepared: average them ourselves
+                            _average_gradients(accelerator, params)
+                            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients:
                         lr_schedule.step()
@@ -299,7 +356,7 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
                 continue
             state.step += 1
             if ema is not None:
-                ema.update(accelerator.unwrap_model(unet).parameters())
+                ema.update(trained_parameters())
             loss = accelerator.gather(result.loss.detach().reshape(1)).mean().item()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -310,6 +367,7 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
                     "lr": lr_schedule.get_last_lr()[0],
                     "elapsed_s": round(time.perf_counter() - started, 3),
                     "nonfinite_skipped": state.nonfinite_skipped,
+                    **({"decoder_mse": decoder_mse.item()} if t.train_vae_decoder else {}),
                     "loss_by_t": loss_by_timestep_bucket(
                         result.per_sample, result.t, pipe.schedule.num_train_timesteps
                     ),
@@ -330,6 +388,7 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
                 grid = _validate(
                     pipe,
                     accelerator.unwrap_model(unet),
+                    trained_parameters(),
                     ema,
                     config,
                     out / "validation" / f"step-{state.step}.png",
@@ -356,7 +415,7 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
     if main:
         trained = accelerator.unwrap_model(unet)
         if ema is not None:
-            ema.copy_to(trained.parameters())
+            ema.copy_to(trained_parameters())
         LatentDiffusionPipeline(
             trained.eval(), pipe.vae, pipe.text_encoder, pipe.scheduler, name=out.name
         ).save_pretrained(final)
@@ -365,14 +424,19 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
 
 @torch.no_grad()
 def _validate(
-    pipe: LatentDiffusionPipeline, unet: UNet, ema: EMA | None, config: TrainConfig, path: Path
+    pipe: LatentDiffusionPipeline,
+    unet: UNet,
+    parameters: list[torch.nn.Parameter],
+    ema: EMA | None,
+    config: TrainConfig,
+    path: Path,
 ) -> Image.Image:
-    """Images from the fixed validation prompts and seeds, with the EMA weights, as one grid
-    (saved to ``path`` and returned)."""
+    """Images from the fixed validation prompts and seeds, with the EMA weights of the trained
+    ``parameters``, as one grid (saved to ``path`` and returned)."""
     v = config.validation
-    backup = [p.detach().clone() for p in unet.parameters()] if ema is not None else None
+    backup = [p.detach().clone() for p in parameters] if ema is not None else None
     if ema is not None:
-        ema.copy_to(unet.parameters())
+        ema.copy_to(parameters)
     unet.eval()
     try:
         viewer = LatentDiffusionPipeline(
@@ -395,6 +459,8 @@ def _validate(
         return grid
     finally:
         if backup is not None:
-            for p, b in zip(unet.parameters(), backup, strict=True):
+            for p, b in zip(parameters, backup, strict=True):
                 p.copy_(b)
         unet.train().requires_grad_(True)  # the pipeline froze it for inference
+        for p in parameters:  # and the parts fine-tuned with it
+            p.requires_grad_(True)

@@ -11,16 +11,59 @@ def test_ema_closed_form_and_exact_state_round_trip():
         p.fill_(1.0)
     for _ in range(10):
         ema.update([p])
-    # e_n = 1 - 0.9^n for a constant target 1 from e_0 = 0
-    torch.testing.assert_close(ema.shadow[0], torch.full((3,), 1 - 0.9**10))
-    restored = EMA([torch.nn.Parameter(torch.zeros(3))], decay=0.5)
+    # The first update copies (decay 0), so e_n = 1 for a constant target 1 from e_0 = 0.
+    torch.testing.assert_close(ema.shadow[0], torch.ones(3))
+    with torch.no_grad():
+        p.fill_(3.0)
+    ema.update([p])  # the 11th update: decay min(0.9, 11 / 20) = 0.55
+    torch.testing.assert_close(ema.shadow[0], torch.full((3,), 0.55 * 1 + 0.45 * 3))
+    restored = EMA([torch.nn.Parameter(torch.zeros(3))], decay=0.5, power=0.75, inv_gamma=2.0)
     restored.load_state_dict(ema.state_dict())
-    assert restored.decay == 0.9 and torch.equal(restored.shadow[0], ema.shadow[0])
+    assert (restored.decay, restored.power, restored.inv_gamma) == (0.9, None, 1.0)
+    assert restored.num_updates == 11 and torch.equal(restored.shadow[0], ema.shadow[0])
     target = torch.nn.Parameter(torch.zeros(3))
     ema.copy_to([target])
     torch.testing.assert_close(target.data, ema.shadow[0])
     with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\), got 1.0"):
         EMA([p], decay=1.0)
+    with pytest.raises(ValueError, match=r"ema_power must be null or > 0, got -1"):
+        EMA([p], decay=0.9, power=-1)
+
+
+@pytest.mark.parametrize(
+    ("decay", "power", "inv_gamma"), [(0.9999, None, 1.0), (0.999, 2 / 3, 1.0), (0.9999, 0.75, 5.0)]
+)
+def test_ema_decay_sequence_equals_diffusers_ema_model(decay, power, inv_gamma):
+    from diffusers.training_utils import EMAModel
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    ours = EMA([param], decay, power=power, inv_gamma=inv_gamma)
+    theirs = EMAModel(
+        [param],
+        decay=decay,
+        use_ema_warmup=power is not None,
+        power=power if power is not None else 2 / 3,
+        inv_gamma=inv_gamma,
+    )
+    steps = [*range(1, 200), 1000, 10_000, 100_000, 1_000_000]
+    expected = [theirs.get_decay(n) for n in steps]  # diffusers' n-th step() uses get_decay(n)
+    assert [ours.decay_at(n) for n in steps] == pytest.approx(expected, rel=0, abs=1e-15)
+    assert max(expected) <= decay and expected[0] == 0.0  # capped at decay; the first update copies
+    # The averages agree too, update by update, on a moving target.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        with torch.no_grad():
+            param.add_(torch.randn(2, generator=generator))
+        ours.update([param])
+        theirs.step([param])
+        torch.testing.assert_close(ours.shadow[0], theirs.shadow_params[0], rtol=0, atol=1e-6)
+
+
+def test_ema_of_a_checkpoint_from_before_the_warm_up_keeps_its_fixed_decay():
+    state = {"decay": 0.99, "shadow.0": torch.ones(3)}  # what EMA.state_dict wrote until now
+    ema = EMA([torch.nn.Parameter(torch.zeros(3))], decay=0.5)
+    ema.load_state_dict(state)
+    assert ema.decay_at(ema.num_updates + 1) == 0.99
 
 
 def write_files(n_files=3):

@@ -54,6 +54,9 @@ ALLOWED_IMPORTS = {
     "text_encoder": set(),
     "images": set(),
     "data": {"config", "images"},
+    "model_fit": {"autoencoder", "config", "data", "images", "text_encoder"},
+    "metrics": {"config", "data", "images", "model_fit"},
+    "icon_theme": set(),
     "pipeline": {
         "autoencoder",
         "config",
@@ -70,11 +73,14 @@ ALLOWED_IMPORTS = {
     "benchmark": {"config", "data", "layers", "pipeline", "testing", "training", "unet"},
     "cli": {
         "__init__",
+        "autoencoder",
         "config",
         "conversion",
         "data",
         "default_model",
         "evaluation",
+        "metrics",
+        "model_fit",
         "pretrain",
         "shapes",
         "generate",
@@ -105,6 +111,7 @@ EXTRA_PACKAGES = {
     "evaluation": {"PIL", "tqdm"},
     "experiments": {"PIL"},
     "pretrain": {"diffusers", "open_clip", "PIL", "tqdm"},
+    "metrics": {"tqdm"},
 }
 ALWAYS = {"torch", "numpy"}
 

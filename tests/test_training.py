@@ -357,3 +357,35 @@ def test_tensorboard_holds_the_logged_scalars_and_validation_grids(model, tmp_pa
         "step-2.png",
         "step-4.png",
     ]
+
+
+def test_fine_tuning_the_vae_decoder_and_text_encoder_trains_them_and_resumes_exactly(
+    model, tmp_path
+):
+    data = colour_dataset(tmp_path / "data")
+    parts = {"train_vae_decoder": True, "vae_learning_rate": 3e-3, "train_text_encoder": True}
+    out = train(config(model, data, tmp_path / "straight", max_steps=8, **parts))
+    before, after = (LatentDiffusionPipeline.from_pretrained(p) for p in (model, out))
+
+    def changed(a, b):
+        return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+    vae_a, vae_b = before.vae.vae, after.vae.vae
+    assert changed(vae_a.encoder.parameters(), vae_b.encoder.parameters()) == 0  # latents kept
+    assert changed(vae_a.quant_conv.parameters(), vae_b.quant_conv.parameters()) == 0
+    assert changed(vae_a.decoder.parameters(), vae_b.decoder.parameters()) > 1e-4
+    text_a, text_b = before.text_encoder.model, after.text_encoder.model
+    assert changed(text_a.parameters(), text_b.parameters()) > 1e-5
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").open()]
+    assert all(np.isfinite(r["decoder_mse"]) for r in log) and len(log) == 8
+    # stopped at step 4 and resumed to 8: the same decoder, text encoder and EMA as straight
+    train(config(model, data, tmp_path / "resumed", max_steps=4, **parts))
+    resumed = train(
+        config(model, data, tmp_path / "resumed", max_steps=8, **parts), resume="latest"
+    )
+    again = LatentDiffusionPipeline.from_pretrained(resumed)
+    assert changed(after.vae.vae.parameters(), again.vae.vae.parameters()) <= 1e-6
+    assert changed(text_b.parameters(), again.text_encoder.model.parameters()) <= 1e-6
+    assert changed(after.unet.parameters(), again.unet.parameters()) <= 1e-6
+    with pytest.raises(ValueError, match=r"train\.cache_latents=True is not allowed"):
+        config(model, data, tmp_path / "x", cache_latents=True, train_text_encoder=True)
