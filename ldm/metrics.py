@@ -128,15 +128,20 @@ def evaluate_on_data(
         "vae_psnr_on": "heldout" if heldout is not None else "evaluated images",
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        cols = min(8, len(own))
-        rows = []  # whole rows only, so each own image stands above its generated one
-        for i in range(0, min(len(own), 32) // cols * cols, cols):
-            rows += to_pil(own[i : i + cols]) + to_pil(generated[i : i + cols])
-        make_grid(rows, cols=cols).save(out / "grid.png")
+        _save(out_dir, results, own, generated)
     return results
+
+
+def _save(out_dir: str | Path, results: dict[str, Any], own: Tensor, generated: Tensor) -> None:
+    """results.json, and grid.png: rows of dataset images, each above the generated ones."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    cols = min(8, len(own))
+    rows = []  # whole rows only, so each own image stands above its generated one
+    for i in range(0, min(len(own), 32) // cols * cols, cols):
+        rows += to_pil(own[i : i + cols]) + to_pil(generated[i : i + cols])
+    make_grid(rows, cols=cols).save(out / "grid.png")
 
 
 def format_results(results: dict[str, Any]) -> str:
