@@ -210,7 +210,7 @@ def _eval_shapes(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ldm.config import DataConfig, resolve_model
+    from ldm.config import DataConfig
     from ldm.metrics import evaluate_on_data, format_results
     from ldm.pipeline import LatentDiffusionPipeline
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ldm.config import DataConfig
 from ldm.data import scan
-from ldm.images import make_grid, to_pil, to_unit_range
+from ldm.images import make_grid, psnr, to_pil, to_unit_range
 from ldm.model_fit import sample_pixels, vae_psnr, vae_round_trip
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,11 @@ def evaluate_on_data(
         wins.append(bool(own_d[row] < distances[row, others].min()))
     nearest_d, nearest_i = distances.min(dim=1)
 
-    heldout_pixels = load_pixels(heldout)[0] if heldout is not None else own
+    own_round_trip = vae_round_trip(pipe.vae, own)  # (N, 3, R, R)
+    if heldout is not None:
+        vae_psnr_db = vae_psnr(pipe.vae, load_pixels(heldout)[0])
+    else:  # the round trip already made
+        vae_psnr_db = psnr(own_round_trip, own.float()).mean().item()
     results = {
         "model": pipe.name,
         "data": str(data.path),
@@ -118,13 +122,13 @@ def evaluate_on_data(
         "guidance_scale": guidance_scale,
         "seed": seed,
         "own_rms": own_d.mean().item(),
-        "vae_rms": rms_distances(vae_round_trip(pipe.vae, own), own).diagonal().mean().item(),
+        "vae_rms": rms_distances(own_round_trip, own).diagonal().mean().item(),
         "distractors": distractors,
         "nearer_than_distractors": sum(wins) / len(wins),
         "chance": 1 / (distractors + 1),
         "nearest_rms": nearest_d.mean().item(),
         "nearest_is_own": (nearest_i == chosen).float().mean().item(),
-        "vae_psnr_db": vae_psnr(pipe.vae, heldout_pixels),
+        "vae_psnr_db": vae_psnr_db,
         "vae_psnr_on": "heldout" if heldout is not None else "evaluated images",
     }
     if out_dir is not None:

@@ -254,8 +254,7 @@ class FrozenTextEncoder(nn.Module):
                 "(config.json, model.safetensors) and tokenizer/ (vocab.json, merges.txt, ...)"
             )
         model = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
-        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-        return cls(model, tokenizer, kind="transformers")
+        return cls(model, load_tokenizer(path / "tokenizer"), kind="transformers")
 
     @classmethod
     def from_open_clip(
