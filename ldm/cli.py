@@ -191,8 +191,27 @@ def _train_clip(args: argparse.Namespace) -> None:
 def _train_default(args: argparse.Namespace) -> None:
     from ldm.default_model import ship, train_default
 
-    model = train_default(args.out, configs=args.configs, seed=args.seed, n_eval=args.n_eval)
+    model = train_default(
+        args.out, configs=args.configs, seed=args.seed, n_eval=args.n_eval, overrides=args.set
+    )
     print(ship(model) if args.ship else model)
+
+
+def _train_recipe(args: argparse.Namespace) -> None:
+    from ldm.recipe import train_recipe
+
+    model = train_recipe(
+        args.data,
+        args.out,
+        resolution=args.resolution,
+        caption_column=args.caption_column,
+        heldout=args.heldout,
+        seed=args.seed,
+        configs=args.configs,
+        overrides=args.set,
+        n_eval=args.n_eval,
+    )
+    print(model)
 
 
 def _eval_shapes(args: argparse.Namespace) -> None:
@@ -213,6 +232,7 @@ def _eval(args: argparse.Namespace) -> None:
     from ldm.config import DataConfig
     from ldm.metrics import evaluate_on_data, format_results
     from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.pretrain import load_retrieval
 
     def data(path: str) -> DataConfig:
         return DataConfig(path, caption_column=args.caption_column, resolution=args.resolution)
@@ -226,6 +246,7 @@ def _eval(args: argparse.Namespace) -> None:
         guidance_scale=args.guidance_scale,
         seed=args.seed,
         out_dir=args.out,
+        clip=load_retrieval(args.clip) if args.clip else None,
     )
     print(format_results(results))
 
@@ -437,12 +458,33 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name,
             help=f"train {what}",
-            description=f"Train {what} on an image folder, as configs/default_model/"
-            f"{name.removeprefix('train-')}.yaml says. Checkpoints go to OUTPUT_DIR/checkpoints, "
+            description=f"Train {what} on an image folder with metadata.jsonl, as a config like "
+            f"ldm/configs/recipe/{name.removeprefix('train-')}.yaml says. Checkpoints go to OUTPUT_DIR/checkpoints, "
             "the log to OUTPUT_DIR/log.jsonl.",
         )
         _add_run_arguments(sub, "a YAML config", "max_steps=100")
         sub.set_defaults(func=func)
+
+    recipe = commands.add_parser(
+        "train-recipe",
+        help="train a complete small model from scratch on any dataset: VAE, CLIP, U-Net",
+        description="Train a complete text-to-image model from scratch on DATA (anything ldm "
+        "train reads, or 'shapes'): check and write the data at RESOLUTION, train the VAE, build "
+        "a tokenizer from the captions' words, train the CLIP text encoder, train the U-Net "
+        "(ldm train), evaluate, and export OUT/unet/model. Run it again to resume: finished "
+        "stages are skipped, the others continue from their checkpoints.",
+    )
+    recipe.add_argument("data", help="a dataset (folder, manifest, datasets folder) or 'shapes'")
+    recipe.add_argument("--out", required=True, help="the run's folder")
+    recipe.add_argument("--resolution", type=int, default=64, help="(default: 64)")
+    recipe.add_argument("--caption-column", default="text", help="(default: text)")
+    recipe.add_argument(
+        "--heldout",
+        help="a dataset of held-out images (default: a seeded 10%% of DATA, at most 1000)",
+    )
+    recipe.add_argument(
+        "--n-eval", type=int, default=100, help="training captions to evaluate (default: 100)"
+    )
 
     default = commands.add_parser(
         "train-default",
@@ -453,14 +495,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     default.add_argument("--out", default="runs/default", help="(default: runs/default)")
     default.add_argument(
-        "--configs",
-        default=None,
-        help="the recipe's config folder (default: configs/default_model in the repository)",
-    )
-    default.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    default.add_argument(
         "--n-eval", type=int, default=200, help="held-out images to evaluate (default: 200)"
     )
+    for sub in (recipe, default):
+        sub.add_argument(
+            "--configs",
+            default=None,
+            help="the recipe's config folder (default: ldm/configs/recipe in the package)",
+        )
+        sub.add_argument("--seed", type=int, default=0, help="(default: 0)")
+        sub.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="STAGE.KEY=VALUE",
+            help="override a stage's config value, e.g. vae.max_steps=500 or "
+            "unet.train.batch_size=32 (repeatable)",
+        )
+    recipe.set_defaults(func=_train_recipe)
     default.add_argument(
         "--ship",
         action="store_true",
@@ -512,6 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
     on_data.add_argument("--guidance-scale", type=float, default=7.5, help="(default: 7.5)")
     on_data.add_argument("--seed", type=int, default=0, help="(default: 0)")
     on_data.add_argument("--out", help="write results.json and grid.png to this folder")
+    on_data.add_argument(
+        "--clip",
+        help="a CLIP stage's folder (ldm train-clip's OUTPUT_DIR, or a recipe's OUT/clip): rank "
+        "each generated image's caption among others with its image and text towers",
+    )
     on_data.set_defaults(func=_eval)
     return parser
 

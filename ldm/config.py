@@ -454,7 +454,8 @@ def _build(cls, data: dict[str, Any], where: str):
 class VAETrainConfig:
     """Training the default model's VAE (diffusers' `AutoencoderKL`) from scratch on an image
     folder: loss = MSE(x_hat, x) + ``kl_weight`` * KL(q(z|x) || N(0, I)), both per element.
-    ``data`` is a folder written by ``ldm make-shapes``; ``heldout`` one for the PSNR report.
+    ``data`` is an image folder with ``metadata.jsonl`` (``ldm make-shapes`` and
+    ``ldm train-recipe`` write one); ``heldout`` one for the PSNR report.
     """
 
     data: str
@@ -490,7 +491,8 @@ class CLIPTrainConfig:
     """Training the default model's text encoder: a small open_clip CLIP (a ViT image tower and a
     causal text transformer) trained contrastively on image-caption pairs, then frozen and
     converted to a transformers `CLIPTextModel`. The tokenizer is CLIP's BPE cut down to the
-    merges that the dataset's words need (``context_length`` tokens at most)."""
+    merges that the dataset's captions need, plus CLIP's first ``vocab_reserve`` merges for words
+    they never used (``context_length`` tokens at most)."""
 
     data: str
     output_dir: str = "runs/default/text_encoder"
@@ -502,6 +504,7 @@ class CLIPTrainConfig:
     vision_width: int = 128
     vision_layers: int = 3
     patch_size: int = 8
+    vocab_reserve: int = 1000
     max_steps: int = 1500
     batch_size: int = 256
     learning_rate: float = 1e-3

@@ -11,7 +11,11 @@ caption) and compared with the dataset's own images, all at the training resolut
 - ``nearest_rms`` and ``nearest_is_own``: the distance to the nearest dataset image, and how
   often that is the caption's own image: a memorisation check (0 distance is a copy);
 - ``vae_psnr_db``: the VAE's reconstruction PSNR on held-out images (``heldout``), else on the
-  evaluated ones.
+  evaluated ones;
+- with ``clip`` (the open_clip model that `ldm.pretrain.train_clip` trains alongside the text
+  encoder, and its tokenizer), prompt adherence as retrieval: ``caption_top1``, the share of
+  generated images whose own caption the CLIP ranks first among ``distractors + 1`` distinct
+  captions; ``caption_top1_dataset`` is the same for the dataset's own images, the CLIP's ceiling.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ldm.config import DataConfig
 from ldm.data import scan
 from ldm.images import make_grid, psnr, to_pil, to_unit_range
 from ldm.model_fit import sample_pixels, vae_psnr, vae_round_trip
+from ldm.text_encoder import clip_encode
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ def evaluate_on_data(
     distractors: int = 19,
     batch_size: int = 16,
     out_dir: str | Path | None = None,
+    clip: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """The figures of the module docstring for ``pipe`` (a `LatentDiffusionPipeline`) on
     ``data``; with ``out_dir``, also ``results.json`` and ``grid.png`` (rows of eight: each
@@ -131,9 +137,45 @@ def evaluate_on_data(
         "vae_psnr_db": vae_psnr_db,
         "vae_psnr_on": "heldout" if heldout is not None else "evaluated images",
     }
+    if clip is not None:
+        pool = sorted(set(reference_captions))
+        k = min(distractors + 1, len(pool))
+        for key, images in (("caption_top1", generated), ("caption_top1_dataset", own)):
+            results[key] = caption_retrieval(*clip, images, captions, pool, candidates=k, seed=seed)
+        results["caption_candidates"] = k
     if out_dir is not None:
         _save(out_dir, results, own, generated)
     return results
+
+
+@torch.no_grad()
+def caption_retrieval(
+    clip,
+    tokenizer,
+    images: Tensor,
+    captions: list[str],
+    pool: list[str],
+    *,
+    candidates: int = 20,
+    seed: int = 0,
+) -> float:
+    """The share of ``images`` (N, 3, R, R) in [-1, 1] whose caption an open_clip ``clip`` ranks
+    first among ``candidates`` distinct captions: its own and others drawn from ``pool`` per image
+    (seeded). Chance is 1 / candidates."""
+
+    def embed_text(texts: list[str]) -> Tensor:
+        ids = clip_encode(tokenizer, texts, padding="max_length", truncation=True)["input_ids"]
+        return clip.encode_text(torch.tensor(ids), normalize=True)
+
+    image_features = clip.encode_image(images.float(), normalize=True)  # (N, D)
+    draw = torch.Generator().manual_seed(seed + 2)
+    hits = 0
+    for feature, caption in zip(image_features, captions, strict=True):
+        others = [c for c in pool if c != caption]
+        pick = torch.randperm(len(others), generator=draw)[: candidates - 1].tolist()
+        scores = embed_text([caption, *(others[i] for i in pick)]) @ feature  # (K,)
+        hits += int(scores.argmax() == 0)
+    return hits / len(captions)
 
 
 def _save(out_dir: str | Path, results: dict[str, Any], own: Tensor, generated: Tensor) -> None:
@@ -162,5 +204,15 @@ def format_results(results: dict[str, Any]) -> str:
             f"  nearest dataset image: RMS {r['nearest_rms']:.3f}, its own in "
             f"{r['nearest_is_own']:.1%} (memorisation check: 0 is a copy)",
             f"  VAE PSNR on {r['vae_psnr_on']}: {r['vae_psnr_db']:.2f} dB",
+            *(
+                [
+                    f"  CLIP ranks the own caption first among {r['caption_candidates']}: "
+                    f"{r['caption_top1']:.1%} of generated images, "
+                    f"{r['caption_top1_dataset']:.1%} of dataset images "
+                    f"(chance {1 / r['caption_candidates']:.1%})"
+                ]
+                if "caption_top1" in r
+                else []
+            ),
         ]
     )

@@ -8,7 +8,9 @@ with ``resume="latest"`` continues exactly. The result is a diffusers-layout fol
 - `train_vae`: ``vae/`` (`AutoencoderKL`, its ``scaling_factor`` = 1 / std of the training
   latents, stored in its config).
 - `train_clip`: ``text_encoder/`` (a transformers `CLIPTextModel`, converted from the open_clip
-  text tower) and ``tokenizer/`` (a `CLIPTokenizer` with CLIP's BPE cut down to the data's words).
+  text tower), ``tokenizer/`` (a `CLIPTokenizer` with CLIP's BPE cut down to the words of the
+  data's captions, plus a reserve of CLIP's most frequent merges) and ``open_clip/`` (the whole
+  open_clip model, image tower included, which `ldm eval --clip` uses to rank captions).
 """
 
 from __future__ import annotations
@@ -26,17 +28,19 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import CLIPTokenizer
 
 from ldm.checkpoint import resolve_resume, save_checkpoint
 from ldm.config import CLIPTrainConfig, VAETrainConfig
 from ldm.images import psnr
-from ldm.shapes import vocabulary
 from ldm.text_encoder import (
     OPEN_CLIP_PAD_TOKEN,
     build_clip_tokenizer,
     clip_encode,
+    load_tokenizer,
     open_clip_to_transformers,
 )
 
@@ -47,7 +51,10 @@ def load_image_folder(folder: str | Path) -> tuple[Tensor, list[str]]:
     """All images of an image folder with ``metadata.jsonl`` as uint8 (N, H, W, 3), and captions."""
     metadata = Path(folder) / "metadata.jsonl"
     if not metadata.is_file():
-        raise FileNotFoundError(f"no {metadata}; write the data with `ldm make-shapes`")
+        raise FileNotFoundError(
+            f"no {metadata}; an image folder with metadata.jsonl is needed (`ldm make-shapes` "
+            "writes one; `ldm train-recipe` writes one from any dataset)"
+        )
     rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
     images = np.stack(
         [
@@ -154,7 +161,7 @@ def _finish(out: Path, name: str, save: Callable[[Path], None]) -> Path:
     return final
 
 
-def build_vae(config: VAETrainConfig) -> AutoencoderKL:
+def build_vae(config: VAETrainConfig, resolution: int = 64) -> AutoencoderKL:
     """A fresh `AutoencoderKL` of the config's size (downscale 2 ** (levels - 1))."""
     levels = len(config.block_out_channels)
     return AutoencoderKL(
@@ -166,7 +173,7 @@ def build_vae(config: VAETrainConfig) -> AutoencoderKL:
         layers_per_block=config.layers_per_block,
         latent_channels=config.latent_channels,
         norm_num_groups=config.norm_num_groups,
-        sample_size=64,
+        sample_size=resolution,
     )
 
 
@@ -194,9 +201,9 @@ def reconstruction_psnr(vae: AutoencoderKL, images: Tensor, batch_size: int = 25
 
 def train_vae(config: VAETrainConfig, *, resume: str | None = None) -> Path:
     """Train the VAE; write ``output_dir/vae`` and return it. Logs PSNR on ``heldout``."""
-    torch.manual_seed(config.seed)
-    vae = build_vae(config)
     images, _ = load_image_folder(config.data)
+    torch.manual_seed(config.seed)
+    vae = build_vae(config, images.shape[1])
 
     def step_fn(indices: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         x = to_model_range(images[indices])  # (B, 3, H, W)
@@ -222,12 +229,14 @@ def train_vae(config: VAETrainConfig, *, resume: str | None = None) -> Path:
     return _finish(out, "vae", lambda folder: vae.save_pretrained(folder))
 
 
-def build_clip(config: CLIPTrainConfig, vocab_size: int, eos_id: int) -> open_clip.CLIP:
-    """A small open_clip CLIP: a ViT over 64x64 images and a causal text transformer."""
+def build_clip(
+    config: CLIPTrainConfig, vocab_size: int, eos_id: int, image_size: int = 64
+) -> open_clip.CLIP:
+    """A small open_clip CLIP: a ViT over square images and a causal text transformer."""
     return open_clip.CLIP(
         config.embed_dim,
         vision_cfg=open_clip.model.CLIPVisionCfg(
-            image_size=64,
+            image_size=image_size,
             patch_size=config.patch_size,
             width=config.vision_width,
             layers=config.vision_layers,
@@ -248,17 +257,18 @@ def build_clip(config: CLIPTrainConfig, vocab_size: int, eos_id: int) -> open_cl
 def train_clip(config: CLIPTrainConfig, *, resume: str | None = None) -> Path:
     """Train CLIP contrastively; write ``output_dir/text_encoder`` and ``output_dir/tokenizer``
     (diffusers layout, read by `FrozenTextEncoder.from_pretrained`) and return ``output_dir``."""
+    images, captions = load_image_folder(config.data)
     torch.manual_seed(config.seed)
     tokenizer = build_clip_tokenizer(
         pad_token=OPEN_CLIP_PAD_TOKEN,
         model_max_length=config.context_length,
-        words=vocabulary(),
+        words=captions,
+        reserve=config.vocab_reserve,
     )
-    images, captions = load_image_folder(config.data)
     tokens = torch.tensor(
         clip_encode(tokenizer, captions, padding="max_length", truncation=True)["input_ids"]
     )  # (N, L); the end token has the highest id, where open_clip pools
-    model = build_clip(config, len(tokenizer), tokenizer.eos_token_id)
+    model = build_clip(config, len(tokenizer), tokenizer.eos_token_id, images.shape[1])
     loss_fn = open_clip.ClipLoss()
 
     def step_fn(indices: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
@@ -282,4 +292,37 @@ def train_clip(config: CLIPTrainConfig, *, resume: str | None = None) -> Path:
     out = Path(config.output_dir)
     _finish(out, "text_encoder", lambda folder: text_model.save_pretrained(folder))
     _finish(out, "tokenizer", lambda folder: tokenizer.save_pretrained(folder))
+    build = {"vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id}
+    build["image_size"] = images.shape[1]
+    _finish(out, "open_clip", lambda folder: save_clip(model, config, folder, **build))
     return out
+
+
+def save_clip(model: open_clip.CLIP, config: CLIPTrainConfig, folder: Path, **build: int) -> None:
+    """The whole open_clip model as ``model.safetensors`` and what `load_clip` needs to rebuild it
+    (``config.json``: the training config and `build_clip`'s other arguments)."""
+    folder.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors"
+    )
+    (folder / "config.json").write_text(json.dumps({**config.to_dict(), **build}, indent=2) + "\n")
+
+
+def load_retrieval(folder: str | Path) -> tuple[open_clip.CLIP, CLIPTokenizer]:
+    """The CLIP stage's output folder (``open_clip/`` and ``tokenizer/``) as the ``clip`` argument
+    of `ldm.metrics.evaluate_on_data`: the whole CLIP model and its tokenizer."""
+    return load_clip(Path(folder) / "open_clip"), load_tokenizer(Path(folder) / "tokenizer")
+
+
+def load_clip(folder: str | Path) -> open_clip.CLIP:
+    """The open_clip model that `save_clip` wrote, in eval mode."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no CLIP model at {folder}: `ldm train-clip` writes one to OUTPUT_DIR/open_clip"
+        )
+    values = json.loads((folder / "config.json").read_text())
+    build = {k: values.pop(k) for k in ("vocab_size", "eos_id", "image_size")}
+    model = build_clip(CLIPTrainConfig(**values), **build)
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    return model.eval()

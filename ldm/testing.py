@@ -8,9 +8,11 @@ CPU in seconds. This module imports diffusers and transformers; the library prop
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+import yaml
 
 from ldm.config import SchedulerConfig, UNetConfig
 from ldm.text_encoder import build_clip_tokenizer
@@ -106,3 +108,57 @@ def save_tiny_stable_diffusion(
     path = Path(path)
     tiny_stable_diffusion(seed, perturb=perturb, size=size).save_pretrained(path)
     return path
+
+
+# `ldm.recipe`'s configs at a size that runs every stage in seconds (paths are set by the recipe).
+TINY_RECIPE = {
+    "vae.yaml": {
+        "data": "unused",
+        "block_out_channels": [8, 8, 8],
+        "norm_num_groups": 4,
+        "max_steps": 3,
+        "batch_size": 4,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+    },
+    "clip.yaml": {
+        "data": "unused",
+        "embed_dim": 16,
+        "text_width": 32,
+        "text_layers": 2,
+        "text_heads": 2,
+        "vision_width": 32,
+        "vision_layers": 1,
+        "max_steps": 3,
+        "batch_size": 8,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+    },
+    "unet.yaml": {
+        "unet": "unused",
+        "vae": "unused",
+        "text_encoder": "unused",
+        "data": {"path": "unused", "resolution": 64},
+        "train": {"max_steps": 3, "batch_size": 4, "checkpoint_every": 2, "cache_latents": True},
+    },
+    "unet.json": {
+        "block_out_channels": [16, 32],
+        "layers_per_block": 1,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "attention_head_dim": 2,
+        "cross_attention_dim": 32,
+        "norm_num_groups": 8,
+        "sample_size": 16,
+    },
+}
+
+
+def write_recipe_configs(folder: str | Path, configs: dict = TINY_RECIPE) -> Path:
+    """Write a recipe config folder (vae.yaml, clip.yaml, unet.yaml, unet.json) and return it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in configs.items():
+        text = json.dumps(content) if name.endswith(".json") else yaml.safe_dump(content)
+        (folder / name).write_text(text)
+    return folder

@@ -46,6 +46,7 @@ def build_clip_tokenizer(
     pad_token: str = END_TOKEN,
     model_max_length: int = 77,
     words: Iterable[str] | None = None,
+    reserve: int = 0,
 ) -> CLIPTokenizer:
     """A `CLIPTokenizer` with the real CLIP vocabulary (49408 tokens), built offline from the BPE
     merges that open_clip ships, as open_clip's `SimpleTokenizer` builds its own.
@@ -57,12 +58,14 @@ def build_clip_tokenizer(
     With ``words``, only the merges that CLIP's BPE applies to those words are kept (in CLIP's
     order): each of them still becomes the same single tokens as in full CLIP, any other text
     falls back to smaller pieces, and the vocabulary shrinks to a few hundred tokens, so a small
-    model's token embedding stays small.
+    model's token embedding stays small. ``reserve`` keeps CLIP's first ``reserve`` merges as well
+    (its most frequent pieces of English), so that words the captions never used still break into
+    common pieces rather than single characters.
     """
     with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]  # 48894 merges: 49408 tokens
     if words is not None:
-        merges = _merges_for(merges, words)
+        merges = _merges_for(merges, words, reserve)
     alphabet = list(bytes_to_unicode().values())  # the 256 byte-level characters
     vocab = [*alphabet, *(c + "</w>" for c in alphabet)]
     vocab += ["".join(merge.split()) for merge in merges] + [START_TOKEN, END_TOKEN]
@@ -83,10 +86,12 @@ def build_clip_tokenizer(
     return tokenizer
 
 
-def _merges_for(merges: list[str], words: Iterable[str]) -> list[str]:
-    """The merges CLIP's BPE applies to ``words`` (ASCII, cleaned), in their original order."""
+def _merges_for(merges: list[str], words: Iterable[str], reserve: int = 0) -> list[str]:
+    """The merges CLIP's BPE applies to ``words`` (ASCII, cleaned), and the first ``reserve``
+    merges, in their original order. Either set is closed (a merge's parts are made by merges of
+    lower rank, which BPE applied first), so their union is a valid BPE vocabulary."""
     rank = {tuple(m.split()): i for i, m in enumerate(merges)}
-    used: set[int] = set()
+    used: set[int] = set(range(min(reserve, len(merges))))
     for text in words:
         for word in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", clean_prompt(text)):
             symbols = [*word[:-1], word[-1] + "</w>"]

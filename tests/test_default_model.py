@@ -5,64 +5,18 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from ldm.config import DEFAULT_MODEL
 from ldm.default_model import evaluate_checkpoints, load_checkpoint_ema, ship, train_default
 from ldm.evaluation import EvalSetting, evaluate
 from ldm.pipeline import LatentDiffusionPipeline
-
-TINY = {
-    "vae.yaml": {
-        "data": "unused",
-        "block_out_channels": [8, 8, 8],
-        "norm_num_groups": 4,
-        "max_steps": 3,
-        "batch_size": 4,
-        "warmup_steps": 1,
-        "checkpoint_every": 2,
-    },
-    "clip.yaml": {
-        "data": "unused",
-        "embed_dim": 16,
-        "text_width": 32,
-        "text_layers": 2,
-        "text_heads": 2,
-        "vision_width": 32,
-        "vision_layers": 1,
-        "max_steps": 3,
-        "batch_size": 8,
-        "warmup_steps": 1,
-        "checkpoint_every": 2,
-    },
-    "unet.yaml": {
-        "unet": "unused",
-        "vae": "unused",
-        "text_encoder": "unused",
-        "data": {"path": "unused", "resolution": 64},
-        "train": {"max_steps": 3, "batch_size": 4, "checkpoint_every": 2, "cache_latents": True},
-    },
-    "unet.json": {
-        "block_out_channels": [16, 32],
-        "layers_per_block": 1,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "attention_head_dim": 2,
-        "cross_attention_dim": 32,
-        "norm_num_groups": 8,
-        "sample_size": 16,
-    },
-}
+from ldm.testing import write_recipe_configs
 
 
 @pytest.fixture(scope="module")
 def tiny_recipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
-    configs = root / "configs"
-    configs.mkdir()
-    for name, content in TINY.items():
-        text = json.dumps(content) if name.endswith(".json") else yaml.safe_dump(content)
-        (configs / name).write_text(text)
+    configs = write_recipe_configs(root / "configs")
     model = train_default(root / "run", configs=configs, n_train=24, n_heldout=8, n_eval=4)
     return root, configs, model
 
@@ -71,9 +25,9 @@ def test_the_recipe_runs_every_stage_and_records_its_times(tiny_recipe):
     root, _, model = tiny_recipe
     run = root / "run"
     times = json.loads((run / "times.json").read_text())
-    assert list(times) == ["shapes", "vae", "clip", "unet", "eval"]
+    assert list(times) == ["data", "vae", "clip", "unet", "eval"]
     assert all(seconds > 0 for seconds in times.values())
-    results = json.loads((run / "eval" / "results.json").read_text())
+    results = json.loads((run / "eval" / "shapes" / "results.json").read_text())
     accuracy = results["ddim 50 steps, guidance 7.5"]
     assert set(accuracy) == {"shape", "color", "size", "position", "background", "all"}
     assert all(0 <= v <= 1 for v in accuracy.values())
@@ -105,7 +59,7 @@ def test_checkpoints_are_scored_with_their_ema_weights(tiny_recipe):
         torch.testing.assert_close(v, exported[k], rtol=0, atol=0, msg=k)
     results = evaluate_checkpoints(root / "run", n=4)
     assert list(results) == [2, 3]
-    final = json.loads((root / "run" / "eval" / "results.json").read_text())
+    final = json.loads((root / "run" / "eval" / "shapes" / "results.json").read_text())
     assert results[3] == final["ddim 50 steps, guidance 7.5"]
 
 
