@@ -446,8 +446,21 @@ def _build(cls, data: dict[str, Any], where: str):
     for key, value in data.items():
         if cls is TrainConfig and key in nested:
             value = _build(nested[key], value, f"{key}.")
-        kwargs[key] = value
+        kwargs[key] = _number(where + key, str(fields[key].type), value)
     return cls(**kwargs)
+
+
+def _number(name: str, annotation: str, value: Any) -> Any:
+    """A string where a number belongs, as that number. YAML 1.1 reads ``1e-05`` (no dot, as
+    json.dumps writes it) as a string; anything that is no number is an error naming the key."""
+    kind = {"float": float, "int": int}.get(annotation.removesuffix(" | None"))
+    if kind is None or not isinstance(value, str):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = "a number" if kind is float else "an integer"
+        raise ValueError(f"{name}={value!r} is not allowed; use {allowed}") from None
 
 
 @dataclass
@@ -473,14 +486,23 @@ class VAETrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 50
+    keep_checkpoints: int = 2
+    ema_decay: float | None = None
+    ema_power: float | None = None
+    ema_inv_gamma: float = 1.0
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(self.block_out_channels)
         _check_positive(self, "max_steps", "batch_size", "learning_rate", "checkpoint_every")
+        self.settings()  # the loop's own checks (ema_decay, keep_checkpoints...)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> VAETrainConfig:
         return _build(cls, _read_yaml(path, overrides), "")
+
+    def settings(self) -> TrainSettings:
+        """The loop's settings (`ldm.loop.fit`): AdamW without weight decay."""
+        return _loop_settings(self, weight_decay=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -513,16 +535,45 @@ class CLIPTrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 50
+    keep_checkpoints: int = 2
+    ema_decay: float | None = None
+    ema_power: float | None = None
+    ema_inv_gamma: float = 1.0
 
     def __post_init__(self) -> None:
         _check_positive(self, "max_steps", "batch_size", "learning_rate", "checkpoint_every")
+        self.settings()  # the loop's own checks (ema_decay, keep_checkpoints...)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> CLIPTrainConfig:
         return _build(cls, _read_yaml(path, overrides), "")
 
+    def settings(self) -> TrainSettings:
+        """The loop's settings (`ldm.loop.fit`): AdamW with ``weight_decay``."""
+        return _loop_settings(self, weight_decay=self.weight_decay)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _loop_settings(config: VAETrainConfig | CLIPTrainConfig, weight_decay: float) -> TrainSettings:
+    """A VAE or CLIP config as `TrainSettings`: warm-up then cosine decay, clipping at 1."""
+    return TrainSettings(
+        max_steps=config.max_steps,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler="cosine",
+        warmup_steps=config.warmup_steps,
+        seed=config.seed,
+        ema_decay=config.ema_decay,
+        ema_power=config.ema_power,
+        ema_inv_gamma=config.ema_inv_gamma,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
+        caption_dropout=0.0,
+        max_grad_norm=1.0,
+        weight_decay=weight_decay,
+    )
 
 
 def _check_positive(config, *names: str) -> None:

@@ -1,9 +1,10 @@
 """Training the frozen parts of the default model from scratch: the VAE and the text encoder.
 
 Both are small enough to train on two CPU cores in minutes. Each trainer reads an image folder
-into memory once, draws batches from a seeded permutation per epoch, and saves atomic
-checkpoints (`ldm.checkpoint`) with the optimizer and the random state, so that a run resumed
-with ``resume="latest"`` continues exactly. The result is a diffusers-layout folder:
+into memory once and hands its objective to the loop of ``ldm train`` (`ldm.loop.fit`):
+seeded epochs of batches, warm-up and cosine decay, clipping, the NaN guard, the EMA (off
+unless ``ema_decay`` is set), JSONL and TensorBoard logs, atomic rotated checkpoints that
+resume exactly, and a checkpoint on SIGTERM. The result is a diffusers-layout folder:
 
 - `train_vae`: ``vae/`` (`AutoencoderKL`, its ``scaling_factor`` = 1 / std of the training
   latents, stored in its config).
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
-from ldm.checkpoint import resolve_resume, save_checkpoint
 from ldm.config import CLIPTrainConfig, VAETrainConfig
-from ldm.images import psnr
+from ldm.images import make_grid, psnr, to_pil
+from ldm.loop import Objective, Part, Step, fit, make_accelerator
 from ldm.text_encoder import (
     OPEN_CLIP_PAD_TOKEN,
     build_clip_tokenizer,
@@ -68,86 +68,6 @@ def load_image_folder(folder: str | Path) -> tuple[Tensor, list[str]]:
 def to_model_range(images: Tensor) -> Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return factor
-
-
-def _run(
-    model: nn.Module,
-    step_fn: Callable[[Tensor, torch.Generator], tuple[Tensor, dict[str, float]]],
-    n: int,
-    config: VAETrainConfig | CLIPTrainConfig,
-    resume: str | None,
-    weight_decay: float,
-    desc: str,
-) -> None:
-    """The shared loop: seeded epochs of index batches, AdamW with warm-up and cosine decay,
-    gradient clipping at 1, a JSONL log and atomic checkpoints in ``output_dir/checkpoints``.
-    ``step_fn(indices, generator)`` returns the loss and the figures to log; it draws any noise
-    from ``generator``, whose state is checkpointed."""
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=weight_decay
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_cosine(config.warmup_steps, config.max_steps)
-    )
-    generator = torch.Generator().manual_seed(config.seed)
-    step, order = 0, torch.empty(0, dtype=torch.long)
-    checkpoint = resolve_resume(out / "checkpoints", resume)
-    if checkpoint is not None:
-        state = torch.load(checkpoint / "state.pt", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        step, order = state["step"], state["order"]
-        logger.info("resumed %s from %s at step %d", desc, checkpoint, step)
-
-    def write(folder: Path) -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "generator": generator.get_state(),
-            "step": step,
-            "order": order,
-        }
-        torch.save(state, folder / "state.pt")
-        (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-
-    model.train()
-    log = (out / "log.jsonl").open("a")
-    bar = tqdm(total=config.max_steps, initial=step, desc=desc, unit="step")
-    while step < config.max_steps:
-        if len(order) < config.batch_size:  # a new epoch: the rest of the old one is dropped
-            order = torch.randperm(n, generator=generator)
-        indices, order = order[: config.batch_size], order[config.batch_size :]
-        loss, figures = step_fn(indices, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        step += 1
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % config.log_every == 0 or step == config.max_steps:
-            log.write(json.dumps({"step": step, "loss": loss.item(), **figures}) + "\n")
-            log.flush()
-        if step % config.checkpoint_every == 0 or step == config.max_steps:
-            save_checkpoint(out / "checkpoints", step, write, keep=2)
-    bar.close()
-    log.close()
-    model.eval()
 
 
 def _finish(out: Path, name: str, save: Callable[[Path], None]) -> Path:
@@ -200,33 +120,65 @@ def reconstruction_psnr(vae: AutoencoderKL, images: Tensor, batch_size: int = 25
 
 
 def train_vae(config: VAETrainConfig, *, resume: str | None = None) -> Path:
-    """Train the VAE; write ``output_dir/vae`` and return it. Logs PSNR on ``heldout``."""
+    """Train the VAE; write ``output_dir/vae`` and return it (``output_dir/checkpoints`` when a
+    signal stopped it). Logs PSNR on ``heldout``; validation grids show held-out images above
+    their reconstructions."""
     images, _ = load_image_folder(config.data)
+    heldout = load_image_folder(config.heldout)[0] if config.heldout else None
     torch.manual_seed(config.seed)
     vae = build_vae(config, images.shape[1])
+    settings, out = config.settings(), Path(config.output_dir)
+    accelerator = make_accelerator(settings)
+    device = accelerator.device
+    vae.to(device).train()
 
-    def step_fn(indices: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        x = to_model_range(images[indices])  # (B, 3, H, W)
+    def loss(model, indices: list[int], generator: torch.Generator) -> Step:
+        x = to_model_range(images[indices]).to(device)  # (B, 3, H, W)
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(
-            posterior.mean.shape, generator=generator
-        )  # (B, c, h, w)
-        x_hat = vae.decode(z).sample
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        x_hat = vae.decode(posterior.mean + posterior.std * noise).sample  # z ~ q(z|x)
         mse = F.mse_loss(x_hat, x)
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
         psnr_db = psnr(x_hat.detach().clamp(-1, 1), x).mean().item()
-        return mse + config.kl_weight * kl, {"mse": mse.item(), "kl": kl.item(), "psnr": psnr_db}
+        figures = {"mse": mse.item(), "kl": kl.item(), "psnr": psnr_db}
+        return Step(mse + config.kl_weight * kl, figures)
 
-    _run(vae, step_fn, len(images), config, resume, 0.0, "training the VAE")
+    shown = to_model_range((heldout if heldout is not None else images)[:8]).to(device)
+
+    def validate(step: int) -> Image.Image:
+        vae.eval()
+        reconstructed = vae.decode(vae.encode(shown).latent_dist.mode()).sample.clamp(-1, 1)
+        vae.train()
+        grid = make_grid(to_pil(shown) + to_pil(reconstructed), cols=len(shown))
+        (out / "validation").mkdir(parents=True, exist_ok=True)
+        grid.save(out / "validation" / f"step-{step}.png")
+        return grid
+
+    objective = Objective(
+        "training the VAE",
+        len(images),
+        [Part(list(vae.parameters()), config.learning_rate, vae)],
+        loss,
+        validate=validate,
+        validate_every=config.checkpoint_every,
+        log_every=config.log_every,
+    )
+    _write_config(out, config)
+    if not fit(objective, settings, out, accelerator, resume=resume):
+        return out / "checkpoints"
+    vae.eval()
     vae.register_to_config(scaling_factor=1.0 / latent_std(vae, images[:4096]))
     report = {"scaling_factor": vae.config.scaling_factor}
-    if config.heldout:
-        heldout, _ = load_image_folder(config.heldout)
+    if heldout is not None:
         report["heldout_psnr_db"] = reconstruction_psnr(vae, heldout)
-    out = Path(config.output_dir)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     logger.info("VAE: %s", report)
     return _finish(out, "vae", lambda folder: vae.save_pretrained(folder))
+
+
+def _write_config(out: Path, config: VAETrainConfig | CLIPTrainConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def build_clip(
@@ -270,26 +222,40 @@ def train_clip(config: CLIPTrainConfig, *, resume: str | None = None) -> Path:
     )  # (N, L); the end token has the highest id, where open_clip pools
     model = build_clip(config, len(tokenizer), tokenizer.eos_token_id, images.shape[1])
     loss_fn = open_clip.ClipLoss()
+    settings, out = config.settings(), Path(config.output_dir)
+    accelerator = make_accelerator(settings)
+    device = accelerator.device
+    model.to(device).train()
+    tokens = tokens.to(device)
 
-    def step_fn(indices: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(_, indices: list[int], generator: torch.Generator) -> Step:
         image_features, text_features, logit_scale = model(
-            to_model_range(images[indices]), tokens[indices]
+            to_model_range(images[indices]).to(device), tokens[indices]
         )
-        loss = loss_fn(image_features, text_features, logit_scale)
         with torch.no_grad():
             logits = image_features @ text_features.T  # (B, B)
-            targets = torch.arange(len(indices))
+            targets = torch.arange(len(indices), device=device)
             accuracy = (logits.argmax(1) == targets).float().mean().item()
-        return loss, {"image_to_text_top1": accuracy, "logit_scale": logit_scale.item()}
+        figures = {"image_to_text_top1": accuracy, "logit_scale": logit_scale.item()}
+        return Step(loss_fn(image_features, text_features, logit_scale), figures)
 
-    _run(model, step_fn, len(images), config, resume, config.weight_decay, "training CLIP")
+    objective = Objective(
+        "training CLIP",
+        len(images),
+        [Part(list(model.parameters()), config.learning_rate, model)],
+        loss,
+        log_every=config.log_every,
+    )
+    _write_config(out, config)
+    if not fit(objective, settings, out, accelerator, resume=resume):
+        return out / "checkpoints"
+    model.eval()
     text_model = open_clip_to_transformers(
         model,
         drop_last_block=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    out = Path(config.output_dir)
     _finish(out, "text_encoder", lambda folder: text_model.save_pretrained(folder))
     _finish(out, "tokenizer", lambda folder: tokenizer.save_pretrained(folder))
     build = {"vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id}

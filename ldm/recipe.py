@@ -48,6 +48,10 @@ SHAPES = "shapes"
 STAGES = ("vae", "clip", "unet")
 
 
+class StageStopped(RuntimeError):
+    """A stage's training was stopped (SIGINT/SIGTERM) after saving its checkpoint."""
+
+
 def _configs(configs: str | Path) -> Path:
     folder = Path(configs)
     names = ("vae.yaml", "clip.yaml", "unet.yaml", "unet.json")
@@ -170,6 +174,11 @@ def train_recipe(
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
         times_file.parent.mkdir(parents=True, exist_ok=True)
         times_file.write_text(json.dumps(times, indent=2) + "\n")
+        if not done.exists():  # a signal stopped its training: the next stages cannot run
+            raise StageStopped(
+                f"the {name} stage stopped before it finished; run the same "
+                "command again to resume it from its checkpoint"
+            )
 
     folders = out / "data"
     train_dir, heldout_dir = folders / "train", folders / "heldout"

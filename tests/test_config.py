@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm.config import DEFAULT_MODEL, DataConfig, TrainConfig, TrainSettings
+from ldm.config import DEFAULT_MODEL, DataConfig, TrainConfig, TrainSettings, VAETrainConfig
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml"
 
@@ -68,12 +68,26 @@ def test_defaults_fill_what_the_yaml_leaves_out(tmp_path):
             [],
             "resolution must be a positive int, got 0",
         ),
+        (
+            "model: m\ndata: {path: d}\n",
+            ["train.max_steps=abc"],
+            r"train\.max_steps='abc' is not allowed; use an integer",
+        ),
     ],
 )
 def test_bad_configs_are_errors_that_name_the_key(tmp_path, yaml_text, overrides, message):
     (tmp_path / "c.yaml").write_text(yaml_text)
     with pytest.raises(ValueError, match=message):
         TrainConfig.from_yaml(tmp_path / "c.yaml", overrides)
+
+
+def test_numbers_that_yaml_reads_as_strings_become_numbers(tmp_path):
+    # YAML 1.1 reads 1e-05 (no dot, as json.dumps writes it) as a string
+    (tmp_path / "c.yaml").write_text('{"data": "d", "kl_weight": 1e-05, "max_steps": "30"}')
+    config = VAETrainConfig.from_yaml(tmp_path / "c.yaml")
+    assert config.kl_weight == 1e-05 and config.max_steps == 30
+    settings = TrainConfig.from_yaml(RECIPE, ["train.learning_rate=3e-4"]).train
+    assert settings.learning_rate == 3e-4
 
 
 def test_missing_config_file(tmp_path):

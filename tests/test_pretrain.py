@@ -2,10 +2,16 @@
 write folders that the pipeline's frozen modules load."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ldm.autoencoder import FrozenVAE
 from ldm.config import CLIPTrainConfig, VAETrainConfig
@@ -34,6 +40,7 @@ def shapes_folder(tmp_path_factory):
 
 
 def _tiny_vae(shapes_folder, out, **overrides):
+    settings = {"max_steps": 4, "warmup_steps": 1, "checkpoint_every": 2, **overrides}
     return VAETrainConfig(
         data=str(shapes_folder),
         heldout=str(shapes_folder),
@@ -41,11 +48,8 @@ def _tiny_vae(shapes_folder, out, **overrides):
         block_out_channels=(8, 8),
         norm_num_groups=4,
         batch_size=4,
-        max_steps=4,
-        warmup_steps=1,
-        checkpoint_every=2,
         log_every=1,
-        **overrides,
+        **settings,
     )
 
 
@@ -154,3 +158,64 @@ def test_clip_training_learns_to_match_captions_and_writes_a_text_encoder(shapes
     )
     assert encoder.tokenize(captions[:2]).tolist() == ids.tolist()
     assert encoder(captions[:2]).shape == (2, 32, 32)
+
+
+def _tiny_clip(shapes_folder, out, **overrides):
+    return CLIPTrainConfig(
+        data=str(shapes_folder),
+        output_dir=str(out),
+        embed_dim=16,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        vision_width=32,
+        vision_layers=1,
+        batch_size=8,
+        warmup_steps=2,
+        log_every=1,
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize("part", ["vae", "clip"])
+def test_killed_and_resumed_pretraining_ends_with_the_same_weights(part, shapes_folder, tmp_path):
+    """The loop of `ldm train` for the VAE and CLIP too: SIGKILL once a checkpoint exists, resume,
+    and the raw and EMA (warm-up on) weights equal those of a run that was never stopped."""
+    make, train_fn, exported = {
+        "vae": (_tiny_vae, train_vae, "vae/diffusion_pytorch_model.safetensors"),
+        "clip": (_tiny_clip, train_clip, "open_clip/model.safetensors"),
+    }[part]
+    steps = {"max_steps": 40, "checkpoint_every": 4, "ema_decay": 0.999}
+    train_fn(make(shapes_folder, tmp_path / "straight", **steps))
+    config = make(shapes_folder, tmp_path / "killed", **steps)
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(json.dumps(config.to_dict()))  # JSON is YAML
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ldm.cli", f"train-{part}", str(yaml_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint-8"
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    assert process.poll() is None, "the run finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / exported).exists()
+    train_fn(config, resume="latest")
+
+    def largest_difference(a: dict, b: dict) -> float:
+        assert a.keys() == b.keys()
+        return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+    raw = [  # the trained module's own weights, checkpointed after the LR schedule
+        torch.load(tmp_path / run / "checkpoints" / "checkpoint-40" / "custom_checkpoint_1.pkl")
+        for run in ("straight", "killed")
+    ]
+    assert largest_difference(*raw) <= 1e-6
+    ema = [load_file(tmp_path / run / exported) for run in ("straight", "killed")]
+    assert largest_difference(*ema) <= 1e-6
+    assert largest_difference(ema[0], raw[0]) > 1e-4  # the export is the EMA, not the raw weights
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "log.jsonl").open()]
+    assert steps_logged[-1] == 40
