@@ -558,20 +558,12 @@ class CLIPTrainConfig:
 
 def _loop_settings(config: VAETrainConfig | CLIPTrainConfig, weight_decay: float) -> TrainSettings:
     """A VAE or CLIP config as `TrainSettings`: warm-up then cosine decay, clipping at 1."""
+    shared = ("max_steps", "batch_size", "learning_rate", "warmup_steps", "seed", "ema_decay")
+    shared += ("ema_power", "ema_inv_gamma", "checkpoint_every", "keep_checkpoints")
     return TrainSettings(
-        max_steps=config.max_steps,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
+        **{name: getattr(config, name) for name in shared},
         lr_scheduler="cosine",
-        warmup_steps=config.warmup_steps,
-        seed=config.seed,
-        ema_decay=config.ema_decay,
-        ema_power=config.ema_power,
-        ema_inv_gamma=config.ema_inv_gamma,
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints,
         caption_dropout=0.0,
-        max_grad_norm=1.0,
         weight_decay=weight_decay,
     )
 
