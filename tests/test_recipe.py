@@ -12,7 +12,7 @@ from ldm.config import CLIPTrainConfig
 from ldm.metrics import caption_retrieval
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.pretrain import build_clip, load_clip, save_clip
-from ldm.recipe import _split_overrides, train_recipe
+from ldm.recipe import _captions, _split_overrides, train_recipe
 from ldm.testing import write_recipe_configs
 from ldm.text_encoder import build_clip_tokenizer, count_tokens, load_tokenizer
 
@@ -51,14 +51,6 @@ def icon_run(tmp_path_factory):
         eval_steps=2,
     )
     return root, data, configs, model
-
-
-def _captions(folder):
-    return [
-        json.loads(line)["text"]
-        for line in (folder / "metadata.jsonl").read_text().split("\n")
-        if line
-    ]
 
 
 def test_the_data_stage_writes_a_seeded_split_at_the_resolution(icon_run):
