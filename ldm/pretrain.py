@@ -147,11 +147,17 @@ def train_vae(config: VAETrainConfig, *, resume: str | None = None) -> Path:
 
     def validate(step: int) -> Image.Image:
         vae.eval()
-        reconstructed = vae.decode(vae.encode(shown).latent_dist.mode()).sample.clamp(-1, 1)
+        with torch.no_grad():
+            reconstructed = vae.decode(vae.encode(shown).latent_dist.mode()).sample.clamp(-1, 1)
+            heldout_db = reconstruction_psnr(vae, heldout) if heldout is not None else None
         vae.train()
         grid = make_grid(to_pil(shown) + to_pil(reconstructed), cols=len(shown))
         (out / "validation").mkdir(parents=True, exist_ok=True)
         grid.save(out / "validation" / f"step-{step}.png")
+        if heldout_db is not None:
+            logger.info("VAE step %d: held-out PSNR %.2f dB", step, heldout_db)
+            with open(out / "validation" / "heldout_psnr.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "heldout_psnr_db": heldout_db}) + "\n")
         return grid
 
     objective = Objective(
