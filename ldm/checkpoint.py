@@ -7,9 +7,12 @@ checkpoint. Older checkpoints are removed only after the new one is in place.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -161,16 +164,156 @@ def save_checkpoint(
     return commit_checkpoint(folder, step, keep=keep)
 
 
-def resolve_resume(folder: str | Path, resume: str | None) -> Path | None:
-    """``--resume latest`` -> the latest checkpoint in ``folder`` (None when there is none
-    yet: a fresh start); ``--resume PATH`` -> that checkpoint, which must exist."""
+RESUME_CHOICES = "'latest' (the run's latest checkpoint), 'auto' (it if any, else a fresh start) or a checkpoint-N folder"
+# Config keys a resumed run may change: they affect only the rest of the run, not its training.
+RESUMABLE_KEYS = ("max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "output_dir")
+RESUMABLE_KEYS += ("heldout", "n_eval")
+
+
+def resolve_resume(folder: str | Path, resume: str | Path | None) -> Path | None:
+    """The checkpoint to resume from: ``latest`` -> the latest in ``folder`` (an error when there
+    is none), ``auto`` -> the latest or None (a fresh start), a path -> that checkpoint."""
     if resume is None:
         return None
-    if resume == "latest":
-        return latest_checkpoint(folder)
+    if resume in ("latest", "auto"):
+        found = latest_checkpoint(folder)
+        if found is None and resume == "latest":
+            raise FileNotFoundError(
+                f"--resume latest: {folder} holds no checkpoint-N folder to resume; start "
+                "without --resume, or pass --resume auto (resume if possible, else start)"
+            )
+        return found
     path = Path(resume)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"no checkpoint folder at {path}; pass --resume latest or a checkpoint-N folder"
+    if not (path / "training_state_0.pt").is_file():
+        what = (
+            "is not a checkpoint folder (no training_state_0.pt)"
+            if path.is_dir()
+            else "does not exist"
         )
+        raise FileNotFoundError(f"--resume {path} {what}; pass {RESUME_CHOICES}")
     return path
+
+
+def check_run(
+    out: str | Path, resume: str | Path | None, *, overwrite: bool = False
+) -> Path | None:
+    """`start_run`'s refusals without its changes on disk: the checkpoint to resume from, or
+    None for a fresh start, which a folder that holds files refuses unless ``overwrite``."""
+    out = Path(out)
+    checkpoint = resolve_resume(out / "checkpoints", resume)
+    if checkpoint is None and out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"output_dir {out} is a file; choose a folder")
+        if any(out.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"{out} holds a run already; continue it with --resume latest, choose "
+                "another output_dir, or pass --overwrite to move it aside (nothing is deleted)"
+            )
+    return checkpoint
+
+
+def start_run(
+    out: str | Path,
+    resume: str | Path | None,
+    *,
+    overwrite: bool = False,
+    config: dict | None = None,
+    allow_config_change: bool = False,
+    carry: tuple[str, ...] = (),
+) -> Path | None:
+    """Check a run's folder before any data is read; returns the checkpoint to resume from.
+
+    A fresh start (no checkpoint to resume) into a folder that holds files refuses, unless
+    ``overwrite``, which moves the folder aside to a dated sibling (never deletes it). On
+    resume, ``config`` is compared with the one saved in the checkpoint: keys that only affect
+    the rest of the run (`RESUMABLE_KEYS`, ``validation.*``) are logged, others refuse unless
+    ``allow_config_change``. Checkpoints after a resumed, earlier one are renamed
+    ``superseded-checkpoint-N``, so rotation never removes them. The subfolders named in
+    ``carry`` (derived data such as a latent cache) are hard-linked into the new run when the
+    old one is moved aside, so both stay complete without a second copy on disk.
+    """
+    out = Path(out)
+    checkpoint = check_run(out, resume, overwrite=overwrite)
+    if checkpoint is None:
+        if out.is_dir() and any(out.iterdir()):
+            aside = _dated_sibling(out)
+            out.rename(aside)
+            logger.warning("moved the earlier run in %s aside to %s", out, aside)
+            for name in carry:
+                _link_tree(aside / name, out / name)
+        return None
+    if config is not None:
+        _compare_configs(checkpoint, config, allow_config_change)
+    if checkpoint.parent.resolve() == (out / "checkpoints").resolve():
+        for later in checkpoints(checkpoint.parent):
+            if _step(later) > _step(checkpoint):
+                later.rename(later.with_name(f"superseded-{later.name}"))
+                logger.warning(
+                    "resuming from %s: renamed %s superseded-%s", checkpoint, later, later.name
+                )
+    return checkpoint
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard links in ``target`` to every file under ``source`` (copies where links fail)."""
+    for file in sorted(source.rglob("*")) if source.is_dir() else []:
+        if file.is_file():
+            dest = target / file.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(file, dest)
+            except OSError:
+                shutil.copy2(file, dest)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rpartition("-")[2])
+
+
+def _dated_sibling(folder: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, k = folder.with_name(f"{folder.name}.old-{stamp}"), 1
+    while aside.exists():
+        k += 1
+        aside = folder.with_name(f"{folder.name}.old-{stamp}-{k}")
+    return aside
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """``{"train": {"max_steps": 1}}`` -> ``{"train.max_steps": 1}``."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _compare_configs(checkpoint: Path, config: dict, allow: bool) -> None:
+    saved_file = checkpoint / "run_config.json"
+    if not saved_file.is_file():  # written by an ldm before this check
+        return
+    saved, now = (
+        json.loads(saved_file.read_text()),
+        flatten(json.loads(json.dumps(config, default=str))),
+    )
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    for key in changed:
+        logger.info("resume: %s changes from %r to %r", key, saved.get(key), now.get(key))
+
+    def harmless(key: str) -> bool:
+        return key.rpartition(".")[2] in RESUMABLE_KEYS or key.startswith("validation.")
+
+    if (refused := [k for k in changed if not harmless(k)]) and not allow:
+        listed = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in refused)
+        raise ValueError(
+            f"--resume {checkpoint}: the config changes what is trained: {listed}; restore "
+            "the checkpoint's values, or pass --allow-config-change to resume anyway"
+        )
+
+
+def save_run_config(checkpoint: Path, config: dict) -> None:
+    """The run's config in a checkpoint, for `start_run`'s comparison on resume."""
+    text = json.dumps(flatten(json.loads(json.dumps(config, default=str))), indent=2)
+    (checkpoint / "run_config.json").write_text(text + "\n")

@@ -13,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ldm.config_io import build_config, check_positive, read_yaml
+
 # The shipped default model (`ldm.default_model`): what `ldm generate` and
 # `LatentDiffusionPipeline.from_pretrained()` use when no model is named.
 DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"
@@ -410,57 +412,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _build(cls, data, "")
+        return build_config(cls, data, nested=_NESTED)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         """Read a YAML file and apply ``key.sub=value`` overrides (values are parsed as YAML)."""
-        return cls.from_dict(_read_yaml(path, overrides))
+        return cls.from_dict(read_yaml(path, overrides))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _build(cls, data: dict[str, Any], where: str):
-    """Fill a dataclass from a dict; unknown keys are errors that name them and the allowed ones."""
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{where or 'the config'} must be a mapping of keys to values, got {data!r}"
-        )
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
-            f"allowed{' in ' + where.rstrip('.') if where else ''}: {', '.join(fields)}"
-        )
-    required = [
-        name
-        for name, f in fields.items()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing := [name for name in required if name not in data]:
-        raise ValueError(f"missing required key {', '.join(where + k for k in missing)}")
-    nested = {"data": DataConfig, "train": TrainSettings, "validation": ValidationSettings}
-    kwargs = {}
-    for key, value in data.items():
-        if cls is TrainConfig and key in nested:
-            value = _build(nested[key], value, f"{key}.")
-        kwargs[key] = _number(where + key, str(fields[key].type), value)
-    return cls(**kwargs)
-
-
-def _number(name: str, annotation: str, value: Any) -> Any:
-    """A string where a number belongs, as that number. YAML 1.1 reads ``1e-05`` (no dot, as
-    json.dumps writes it) as a string; anything that is no number is an error naming the key."""
-    kind = {"float": float, "int": int}.get(annotation.removesuffix(" | None"))
-    if kind is None or not isinstance(value, str):
-        return value
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = "a number" if kind is float else "an integer"
-        raise ValueError(f"{name}={value!r} is not allowed; use {allowed}") from None
+# TrainConfig's sections, each a dataclass of its own.
+_NESTED = {"data": DataConfig, "train": TrainSettings, "validation": ValidationSettings}
 
 
 @dataclass
@@ -493,12 +457,12 @@ class VAETrainConfig:
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(self.block_out_channels)
-        _check_positive(self, "max_steps", "batch_size", "learning_rate", "checkpoint_every")
+        check_positive(self, "max_steps", "batch_size", "learning_rate", "checkpoint_every")
         self.settings()  # the loop's own checks (ema_decay, keep_checkpoints...)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> VAETrainConfig:
-        return _build(cls, _read_yaml(path, overrides), "")
+        return build_config(cls, read_yaml(path, overrides))
 
     def settings(self) -> TrainSettings:
         """The loop's settings (`ldm.loop.fit`): AdamW without weight decay."""
@@ -541,12 +505,12 @@ class CLIPTrainConfig:
     ema_inv_gamma: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_positive(self, "max_steps", "batch_size", "learning_rate", "checkpoint_every")
+        check_positive(self, "max_steps", "batch_size", "learning_rate", "checkpoint_every")
         self.settings()  # the loop's own checks (ema_decay, keep_checkpoints...)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> CLIPTrainConfig:
-        return _build(cls, _read_yaml(path, overrides), "")
+        return build_config(cls, read_yaml(path, overrides))
 
     def settings(self) -> TrainSettings:
         """The loop's settings (`ldm.loop.fit`): AdamW with ``weight_decay``."""
@@ -566,32 +530,3 @@ def _loop_settings(config: VAETrainConfig | CLIPTrainConfig, weight_decay: float
         caption_dropout=0.0,
         weight_decay=weight_decay,
     )
-
-
-def _check_positive(config, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not value > 0:
-            raise ValueError(f"{name}={value!r} is not allowed; use a number > 0")
-
-
-def _read_yaml(path: str | Path, overrides: list[str] | None) -> dict[str, Any]:
-    """A YAML file as a dict, with ``key.sub=value`` overrides applied (values parsed as YAML)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no config file at {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. train.learning_rate=3e-4)")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
-    return data

@@ -29,6 +29,7 @@ from ldm.unet import UNet
 logger = logging.getLogger(__name__)
 
 COMPVIS_UNET_PREFIX = "model.diffusion_model."
+CONFIGS_KEY = "ldm.configs"  # safetensors metadata: the configs of a single file's parts
 COMPVIS_VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."  # transformers CLIPTextModel names
 SD2_TEXT_PREFIX = "cond_stage_model.model."  # open_clip names
@@ -178,6 +179,43 @@ def vae_diffusers_to_compvis(state: dict[str, Tensor], config: dict) -> dict[str
 # ----------------------------------------------------------------------------- files
 
 
+def check_safetensors(path: str | Path) -> None:
+    """A ValueError naming ``path`` unless it is a whole safetensors file: an 8-byte header
+    length, a JSON header, and every tensor's bytes within the file (checked without reading
+    the tensors, so a truncated download is caught before anything is loaded)."""
+    path = Path(path)
+    size = path.stat().st_size
+    again = "copy, download or convert it again"
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if not 0 < length <= size - 8:
+            raise ValueError(f"{path} is not a safetensors file (no valid header); {again}")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(
+                f"{path} is not a safetensors file (its header is not JSON); {again}"
+            ) from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is not a table); {again}")
+    ends = [
+        v["data_offsets"][1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+    ]
+    needed = 8 + length + max(ends, default=0)
+    if needed > size:
+        raise ValueError(
+            f"{path} is truncated: its header describes {needed} bytes, the file has {size}; {again}"
+        )
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """`check_safetensors` on every ``.safetensors`` file in a model folder."""
+    for file in sorted(Path(folder).rglob("*.safetensors")):
+        check_safetensors(file)
+
+
 def load_checkpoint(path: str | Path, *, unsafe_pickle: bool = False) -> dict[str, Tensor]:
     """Read a ``.safetensors`` or ``.ckpt``/``.pt``/``.pth``/``.bin`` file into a flat state dict.
 
@@ -189,6 +227,7 @@ def load_checkpoint(path: str | Path, *, unsafe_pickle: bool = False) -> dict[st
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if path.suffix == ".safetensors":
+        check_safetensors(path)
         return load_file(str(path))
     if path.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
         raise ValueError(
@@ -336,12 +375,16 @@ def load_single_file_components(
 
     state = load_checkpoint(path, unsafe_pickle=unsafe_pickle)
     version = sd_version(state)
+    carried = carried_configs(path)  # written by save_single_file: they win over SD's
+    if unet_config is None and "unet" in carried:
+        unet_config = UNetConfig.from_dict(carried["unet"])
     unet = unet_from_checkpoint(state, unet_config, str(path))
 
-    vae_config = vae_config or shipped_config("vae", "sd")
+    vae_config = vae_config or carried.get("vae") or shipped_config("vae", "sd")
     vae = AutoencoderKL(**{k: v for k, v in vae_config.items() if not k.startswith("_")})
     _load_exactly(vae, convert_ldm_vae_checkpoint(state, vae.config), "VAE")
 
+    text_encoder_config = text_encoder_config or carried.get("text_encoder")
     text_config = CLIPTextConfig(**(text_encoder_config or shipped_config("text_encoder", version)))
     text_model = CLIPTextModel(text_config)
     if version == "sd1":
@@ -360,13 +403,52 @@ def load_single_file_components(
         text_state = convert_open_clip_checkpoint(text_model, kept, prefix=SD2_TEXT_PREFIX)
         text_state = {k: v for k, v in text_state.items() if "text_projection" not in k}
     _load_exactly(text_model, text_state, "text encoder")
-    tokenizer = build_clip_tokenizer(pad_token="<|endoftext|>" if version == "sd1" else "!")
+    tokenizer = (
+        _tokenizer_from_files(carried["tokenizer"])
+        if "tokenizer" in carried
+        else build_clip_tokenizer(pad_token="<|endoftext|>" if version == "sd1" else "!")
+    )
     text_encoder = FrozenTextEncoder(text_model, tokenizer, kind="transformers")
     return unet, FrozenVAE(vae), text_encoder, version
 
 
-def save_single_file(unet: UNet, vae, text_encoder, path: str | Path) -> None:
-    """Write a pipeline's weights as an original SD 1.x-style single file (safetensors)."""
+def carried_configs(path: str | Path) -> dict:
+    """The configs that `save_single_file` put in a ``.safetensors`` file's metadata
+    (``unet``, ``vae``, ``text_encoder``, ``tokenizer`` files, ``scheduler``), or {} for a file
+    without them (an original SD checkpoint, which the shipped SD configs describe)."""
+    from safetensors import safe_open
+
+    if Path(path).suffix != ".safetensors":
+        return {}
+    with safe_open(str(path), "pt") as f:
+        text = (f.metadata() or {}).get(CONFIGS_KEY)
+    return json.loads(text) if text else {}
+
+
+def _tokenizer_files(tokenizer) -> dict[str, str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(folder).iterdir())}
+
+
+def _tokenizer_from_files(files: dict[str, str]):
+    import tempfile
+
+    from ldm.text_encoder import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            (Path(folder) / "tokenizer").mkdir(exist_ok=True)
+            (Path(folder) / "tokenizer" / name).write_text(text, encoding="utf-8")
+        return load_tokenizer(Path(folder) / "tokenizer")
+
+
+def save_single_file(unet: UNet, vae, text_encoder, path: str | Path, scheduler=None) -> None:
+    """Write a pipeline's weights as an original SD 1.x-style single file (safetensors). The
+    configs of every part, the tokenizer's files and the scheduler travel in its metadata, so
+    a model that is not SD (the shipped default, say) converts back to the same folder."""
     if text_encoder.kind != "transformers":
         raise ValueError(
             "only a transformers CLIP text encoder can be written to an SD 1.x-style single file"
@@ -381,4 +463,13 @@ def save_single_file(unet: UNet, vae, text_encoder, path: str | Path) -> None:
         SD1_TEXT_PREFIX + "text_model." + k.removeprefix("text_model."): v
         for k, v in text_encoder.model.state_dict().items()
     }
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
+    configs = {
+        "unet": unet.config.to_dict(),
+        "vae": {k: v for k, v in dict(vae.vae.config).items() if not k.startswith("_")},
+        "text_encoder": text_encoder.model.config.to_dict(),
+        "tokenizer": _tokenizer_files(text_encoder.tokenizer),
+    }
+    if scheduler is not None:
+        configs["scheduler"] = scheduler.to_dict()
+    metadata = {"format": "pt", CONFIGS_KEY: json.dumps(configs)}
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata)

@@ -50,7 +50,8 @@ FILE_COLUMN = "file_name"
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# A Hub dataset id, OWNER/NAME: a single word that is no local path is a typo, not a download.
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 EXIF_ORIENTATION = 0x0112
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")

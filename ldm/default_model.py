@@ -53,6 +53,7 @@ def ship(model: str | Path, target: str | Path = DEFAULT_MODEL) -> Path:
     Loading upcasts them to the float32 model."""
     pipe = LatentDiffusionPipeline.from_pretrained(model)
     target = Path(target)
+    pipe.name = target.name  # PNGs made with it say "Model: shapes"
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)

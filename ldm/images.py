@@ -8,12 +8,16 @@ Diffusion web UIs read and write::
     Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: shapes
 
 The chunk is tEXt when the text is Latin-1 and iTXt (UTF-8) otherwise. Files are created
-exclusively: an existing file is never overwritten.
+exclusively and atomically: an existing file is never overwritten, and a killed write
+leaves no half-written PNG.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,8 @@ from PIL import Image, PngImagePlugin
 from torch import Tensor
 
 PARAMETERS_KEY = "parameters"
+# One "Key: value" of the settings line; a value in double quotes is JSON (as the web UIs quote).
+FIELD = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM"}
 
 
@@ -96,6 +102,9 @@ def format_parameters(p: dict) -> str:
         fields.append(f"Eta: {p['eta']:g}")
     if p.get("strength") is not None:
         fields.append(f"Denoising strength: {p['strength']:g}")
+    if p.get("init_image") is not None:  # quoted as JSON: a path may hold ", "
+        fields.append(f"Init image: {json.dumps(str(p['init_image']), ensure_ascii=False)}")
+        fields.append(f"Init image SHA256: {p['init_sha256']}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -105,14 +114,17 @@ def parse_parameters(text: str) -> dict:
     lines = text.strip("\n").split("\n")
     if len(lines) < 2 or not lines[-1].startswith("Steps: "):
         raise ValueError("not a 'parameters' text: its last line must start with 'Steps: '")
-    fields = dict(item.split(": ", 1) for item in lines[-1].split(", ") if ": " in item)
+    fields = {
+        key: json.loads(value) if value.startswith('"') else value
+        for key, value in FIELD.findall(lines[-1])
+    }
     body = lines[:-1]
     negative = ""
     if body and body[-1].startswith("Negative prompt: "):
         negative = body.pop().removeprefix("Negative prompt: ")
     width, height = (int(v) for v in fields["Size"].split("x"))
     samplers = {v: k for k, v in SAMPLER_NAMES.items()}
-    return {
+    record = {
         "prompt": "\n".join(body),
         "negative_prompt": negative,
         "steps": int(fields["Steps"]),
@@ -125,6 +137,10 @@ def parse_parameters(text: str) -> dict:
         "eta": float(fields.get("Eta", 0.0)),
         "strength": float(fields["Denoising strength"]) if "Denoising strength" in fields else None,
     }
+    if "Init image" in fields:  # image-to-image: the image it started from
+        record["init_image"] = fields["Init image"]
+        record["init_sha256"] = fields.get("Init image SHA256")
+    return record
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
@@ -137,8 +153,13 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
         except UnicodeEncodeError:
             info.add_itxt(PARAMETERS_KEY, parameters)
     path = Path(path)
-    with open(path, "xb") as f:  # exclusive: never overwrite
-        image.save(f, format="PNG", pnginfo=info)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # follows the umask
+            image.save(f, format="PNG", pnginfo=info)
+        os.link(tmp, path)  # atomic and exclusive: never half a PNG, never an overwrite
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -11,6 +11,7 @@ with the same weights as one that was not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,8 +29,17 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import EMA, begin_checkpoint, commit_checkpoint, resolve_resume
+from ldm.checkpoint import (
+    EMA,
+    begin_checkpoint,
+    commit_checkpoint,
+    latest_checkpoint,
+    resolve_resume,
+    save_run_config,
+    start_run,
+)
 from ldm.config import TrainSettings
+from ldm.errors import TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +56,11 @@ class TrainingState:
     generator: torch.Generator  # caption dropout, VAE posterior samples, noise, timesteps
     data_generator: torch.Generator | None  # random crops and flips
     nonfinite_skipped: int = 0
+    elapsed_s: float = 0.0  # training time before this process started (resumed runs)
+    max_steps: int = 0  # the run's max_steps when this state was saved
+    # The LR schedule's progress is anchored at (step, progress): a resumed run with another
+    # max_steps goes on from the LR it had instead of jumping (see `_lr_lambda`).
+    anchor: tuple[int, float] | None = None
 
     def state_dict(self) -> dict:
         state = {
@@ -54,6 +69,9 @@ class TrainingState:
             "position": self.position,
             "generator": self.generator.get_state(),
             "nonfinite_skipped": self.nonfinite_skipped,
+            "elapsed_s": self.elapsed_s,
+            "max_steps": self.max_steps,
+            "anchor": list(self.anchor) if self.anchor is not None else None,
         }
         if self.data_generator is not None:
             state["data_generator"] = self.data_generator.get_state()
@@ -65,6 +83,10 @@ class TrainingState:
         if self.data_generator is not None:
             self.data_generator.set_state(state["data_generator"])
         self.nonfinite_skipped = state["nonfinite_skipped"]
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))  # absent in older checkpoints
+        self.max_steps = int(state.get("max_steps", 0))
+        anchor = state.get("anchor")
+        self.anchor = (int(anchor[0]), float(anchor[1])) if anchor is not None else None
 
 
 @dataclass
@@ -114,15 +136,24 @@ def _average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
-def _lr_lambda(t: TrainSettings):
+def _lr_lambda(t: TrainSettings, state: TrainingState):
+    """The LR factor at a step: linear warm-up, then constant or cosine over the progress
+    p = (step - warmup) / (max_steps - warmup). When a resumed run changes max_steps, progress
+    goes on linearly from ``state.anchor`` = (step s0, progress p0) to 1 at the new max_steps,
+    so the LR continues from its value instead of jumping."""
+
+    def progress(step: int) -> float:
+        s0, p0 = state.anchor if state.anchor is not None else (t.warmup_steps, 0.0)
+        return p0 + (1 - p0) * (step - s0) / max(1, t.max_steps - s0)
+
     def factor(step: int) -> float:
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
         if t.lr_scheduler == "constant":
             return 1.0
-        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 0.5 * (1 + math.cos(math.pi * min(max(progress(step), 0.0), 1.0)))
 
+    factor.progress = progress
     return factor
 
 
@@ -145,25 +176,49 @@ def make_accelerator(t: TrainSettings) -> Accelerator:
     return Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision)
 
 
+def prepare_run(
+    out: Path,
+    accelerator: Accelerator,
+    resume: str | Path | None,
+    config: dict,
+    **options,
+) -> Path | None:
+    """`start_run` before any data is read: refuse a folder that holds a run, move it aside
+    with ``overwrite``, check ``resume`` and the config change (``options``: ``overwrite``,
+    ``allow_config_change``, ``carry``); returns the checkpoint to resume from."""
+    if accelerator.is_main_process:
+        checkpoint = start_run(out, resume, config=config, **options)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        checkpoint = resolve_resume(out / "checkpoints", resume)
+    return checkpoint
+
+
 def fit(
     objective: Objective,
     t: TrainSettings,
     out: Path,
     accelerator: Accelerator,
     *,
-    resume: str | None = None,
-) -> bool:
+    resume: str | Path | None = None,
+    config: dict | None = None,
+) -> None:
     """Train ``objective`` with the settings ``t``, checkpointing to ``out/checkpoints`` and
-    logging to ``out/log.jsonl`` and ``out/tensorboard``. Returns True when ``t.max_steps`` were
-    reached, with the EMA weights (if any) copied into the trained parameters; False when a
-    signal stopped the run (its checkpoint is saved; resume with ``resume="latest"``)."""
+    logging to ``out/log.jsonl`` and ``out/tensorboard``. Returns when ``t.max_steps`` were
+    reached, with the EMA weights (if any) copied into the trained parameters. A signal
+    (SIGINT/SIGTERM) saves a checkpoint, then raises `TrainingInterrupted`. ``resume`` is
+    'latest', 'auto' or a checkpoint folder (`resolve_resume`); ``config``, the run's whole
+    config, is saved in every checkpoint for `start_run` to compare on resume."""
     main = accelerator.is_main_process
 
     # 1. Optimizer and learning-rate schedule.
     fused = accelerator.device.type in ("cpu", "cuda")  # one kernel per step: 4x faster on CPU
     groups = [{"params": part.parameters, "lr": part.learning_rate} for part in objective.parts]
     optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=fused)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t))
+    generator = torch.Generator().manual_seed(t.seed * 7919 + accelerator.process_index)
+    state = TrainingState(0, 0, 0, generator, objective.data_generator, max_steps=t.max_steps)
+    lr_factor = _lr_lambda(t, state)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     # The schedule is stepped once per optimizer update by us, not by Accelerate (which would step
     # it once per process), and checkpointed as a registered object. Accelerate saves registered
     # objects from the main process only, so each process saves its own TrainingState.
@@ -185,8 +240,6 @@ def fit(
         if t.ema_decay
         else None
     )
-    generator = torch.Generator().manual_seed(t.seed * 7919 + accelerator.process_index)
-    state = TrainingState(0, 0, 0, generator, objective.data_generator)
     accelerator.register_for_checkpointing(lr_schedule)
     for part in objective.parts:
         if part.module is not None:
@@ -207,6 +260,18 @@ def fit(
         accelerator.load_state(str(checkpoint))
         state.load_state_dict(torch.load(own_state, weights_only=True))
         logger.info("resumed %s from %s at step %d", objective.name, checkpoint, state.step)
+        if state.max_steps and state.max_steps != t.max_steps and state.step >= t.warmup_steps:
+            old = dataclasses.replace(t, max_steps=state.max_steps)
+            state.anchor = (state.step, _lr_lambda(old, state).progress(state.step))
+            logger.info(
+                "max_steps changes from %d to %d: the LR goes on from its value at step %d",
+                state.max_steps,
+                t.max_steps,
+                state.step,
+            )
+        state.max_steps = t.max_steps
+        if main:
+            _truncate_log(out / "log.jsonl", state.step)
 
     def write_checkpoint() -> None:
         """Every process writes its part into a temporary folder; the main process then
@@ -217,7 +282,10 @@ def fit(
         accelerator.wait_for_everyone()
         tmp = folder / f".tmp-checkpoint-{state.step}"
         accelerator.save_state(str(tmp))
+        state.elapsed_s = time.perf_counter() - started
         torch.save(state.state_dict(), tmp / f"training_state_{accelerator.process_index}.pt")
+        if main and config is not None:
+            save_run_config(tmp, config)
         accelerator.wait_for_everyone()
         if main:
             commit_checkpoint(folder, state.step, keep=t.keep_checkpoints)
@@ -236,7 +304,7 @@ def fit(
     log_file = open(out / "log.jsonl", "a", encoding="utf-8") if main else None
     board = SummaryWriter(str(out / "tensorboard")) if main else None  # tensorboard --logdir OUT
     bar = tqdm(total=t.max_steps, initial=state.step, desc=objective.name, disable=not main)
-    started, nonfinite_in_a_row = time.perf_counter(), 0
+    started, nonfinite_in_a_row = time.perf_counter() - state.elapsed_s, 0
     accumulate = (model,) if model is not None else ()
     try:
         batches, batches_epoch = [], None
@@ -319,17 +387,32 @@ def fit(
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stop["signal"] is not None:
-        logger.warning(
-            "%s stopped by signal %d at step %d; resume with --resume latest",
-            objective.name,
-            stop["signal"],
-            state.step,
+        raise TrainingInterrupted(
+            objective.name, stop["signal"], state.step, latest_checkpoint(out / "checkpoints")
         )
-        return False
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to(trained_parameters())
-    return True
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (steps a killed run logged past its last checkpoint,
+    which the resumed run logs again), so that every step appears once."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            return math.inf
+
+    kept = [line for line in lines if line.strip() and logged_step(line) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
 
 
 def _log(log_file, board, state, loss, lr_schedule, started, figures) -> None:

@@ -26,7 +26,13 @@ from torch import Tensor
 from ldm import images as imaging
 from ldm.autoencoder import FrozenVAE
 from ldm.config import DEFAULT_MODEL, SchedulerConfig, UNetConfig
-from ldm.convert import load_single_file_components, save_single_file
+from ldm.convert import (
+    carried_configs,
+    check_weight_files,
+    load_single_file_components,
+    save_single_file,
+)
+from ldm.files import follow_umask
 from ldm.sampling import (
     guided_eps_fn,
     img2img_start,
@@ -117,6 +123,7 @@ class LatentDiffusionPipeline:
             raise FileNotFoundError(
                 f"{path} is not a pipeline folder: it lacks {', '.join(p + '/' for p in missing)}"
             )
+        check_weight_files(path)  # a truncated or foreign file: one error naming it
         scheduler_file = path / "scheduler" / "scheduler_config.json"
         scheduler = (
             SchedulerConfig.from_dict(json.loads(scheduler_file.read_text()))
@@ -128,7 +135,7 @@ class LatentDiffusionPipeline:
             FrozenVAE.from_pretrained(path / "vae"),
             FrozenTextEncoder.from_pretrained(path),
             scheduler,
-            name=path.name,
+            name=_model_name(path),
         )
         return pipe.to(device, dtype)
 
@@ -165,7 +172,13 @@ class LatentDiffusionPipeline:
                 "predicts eps or v: pass prediction_type='v_prediction' (768-v models) or "
                 "'epsilon' (512-base models)"
             )
-        scheduler = SchedulerConfig(prediction_type=prediction_type or "epsilon")
+        carried = carried_configs(path).get("scheduler")
+        if carried is not None:  # written by ldm: its own schedule, prediction type included
+            scheduler = SchedulerConfig.from_dict(carried)
+            if prediction_type is not None:
+                scheduler.prediction_type = prediction_type
+        else:
+            scheduler = SchedulerConfig(prediction_type=prediction_type or "epsilon")
         return cls(unet, vae, text_encoder, scheduler, name=Path(path).stem).to(device, dtype)
 
     def save_single_file(self, path: str | Path) -> None:
@@ -173,7 +186,7 @@ class LatentDiffusionPipeline:
         path = Path(path)
         if path.exists():
             raise ValueError(f"{path} exists; choose a new file name (nothing is overwritten)")
-        save_single_file(self.unet, self.vae, self.text_encoder, path)
+        save_single_file(self.unet, self.vae, self.text_encoder, path, self.scheduler)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a folder that `from_pretrained` and diffusers' `StableDiffusionPipeline` load."""
@@ -186,7 +199,9 @@ class LatentDiffusionPipeline:
         (path / "scheduler" / "scheduler_config.json").write_text(
             json.dumps(self.scheduler.to_dict(), indent=2) + "\n"
         )
-        (path / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+        index = {**MODEL_INDEX, "_ldm_name": self.name}  # diffusers ignores "_" keys
+        (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        follow_umask(path)  # safetensors writes 0600
 
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
@@ -213,7 +228,8 @@ class LatentDiffusionPipeline:
 
     def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
         default = (self.unet.config.sample_size or 64) * self.vae_scale
-        height, width = height or default, width or default
+        height = default if height is None else height  # 0 is an error, not the default
+        width = default if width is None else width
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % self.vae_scale:
                 raise ValueError(
@@ -285,6 +301,8 @@ class LatentDiffusionPipeline:
             raise ValueError(
                 f"got {len(seeds)} seeds for {n} images; pass one per image, or one int"
             )
+        if bad := [s for s in seeds if not 0 <= s < 2**63]:
+            raise ValueError(f"seed {bad[0]} is not allowed; use 0 <= seed < 2**63")
         return [torch.Generator().manual_seed(s) for s in seeds], seeds
 
     # ------------------------------------------------------------------ generation
@@ -562,3 +580,13 @@ class LatentDiffusionPipeline:
             set_alpha_to_one=s.set_alpha_to_one,
             fixed_point_iters=fixed_point_iters,
         )
+
+
+def _model_name(folder: Path) -> str:
+    """The name a pipeline folder records (``_ldm_name`` in model_index.json: a fine-tuned
+    model's run name), else the folder's name."""
+    index = folder / "model_index.json"
+    try:
+        return json.loads(index.read_text()).get("_ldm_name") or folder.name
+    except (OSError, json.JSONDecodeError):
+        return folder.name

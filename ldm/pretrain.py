@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from ldm.config import CLIPTrainConfig, VAETrainConfig
+from ldm.files import follow_umask
 from ldm.images import make_grid, psnr, to_pil
-from ldm.loop import Objective, Part, Step, fit, make_accelerator
+from ldm.loop import Objective, Part, Step, fit, make_accelerator, prepare_run
 from ldm.text_encoder import (
     OPEN_CLIP_PAD_TOKEN,
     build_clip_tokenizer,
@@ -75,6 +76,7 @@ def _finish(out: Path, name: str, save: Callable[[Path], None]) -> Path:
     final, tmp = out / name, out / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     save(tmp)
+    follow_umask(tmp)  # safetensors writes 0600
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -119,16 +121,15 @@ def reconstruction_psnr(vae: AutoencoderKL, images: Tensor, batch_size: int = 25
     return torch.cat(values).mean().item()
 
 
-def train_vae(config: VAETrainConfig, *, resume: str | None = None) -> Path:
-    """Train the VAE; write ``output_dir/vae`` and return it (``output_dir/checkpoints`` when a
-    signal stopped it). Logs PSNR on ``heldout``; validation grids show held-out images above
-    their reconstructions."""
+def train_vae(config: VAETrainConfig, *, resume: str | Path | None = None, **run: bool) -> Path:
+    """Train the VAE; write ``output_dir/vae`` and return it. Logs PSNR on ``heldout``;
+    validation grids show held-out images above their reconstructions. ``resume`` and ``run``
+    (``overwrite``, ``allow_config_change``) as in `ldm.training.train`."""
+    settings, out, accelerator, checkpoint = _start(config, resume, **run)
     images, _ = load_image_folder(config.data)
     heldout = load_image_folder(config.heldout)[0] if config.heldout else None
     torch.manual_seed(config.seed)
     vae = build_vae(config, images.shape[1])
-    settings, out = config.settings(), Path(config.output_dir)
-    accelerator = make_accelerator(settings)
     device = accelerator.device
     vae.to(device).train()
 
@@ -170,8 +171,7 @@ def train_vae(config: VAETrainConfig, *, resume: str | None = None) -> Path:
         log_every=config.log_every,
     )
     _write_config(out, config)
-    if not fit(objective, settings, out, accelerator, resume=resume):
-        return out / "checkpoints"
+    fit(objective, settings, out, accelerator, resume=checkpoint, config=config.to_dict())
     vae.eval()
     vae.register_to_config(scaling_factor=1.0 / latent_std(vae, images[:4096]))
     report = {"scaling_factor": vae.config.scaling_factor}
@@ -180,6 +180,19 @@ def train_vae(config: VAETrainConfig, *, resume: str | None = None) -> Path:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     logger.info("VAE: %s", report)
     return _finish(out, "vae", lambda folder: vae.save_pretrained(folder))
+
+
+def _start(config: VAETrainConfig | CLIPTrainConfig, resume: str | Path | None, **run: bool):
+    """The loop's settings, the run's folder, the accelerator and the checkpoint to resume,
+    checked (`ldm.loop.prepare_run`) before any data is read."""
+    settings, out = config.settings(), Path(config.output_dir)
+    accelerator = make_accelerator(settings)
+    return (
+        settings,
+        out,
+        accelerator,
+        prepare_run(out, accelerator, resume, config.to_dict(), **run),
+    )
 
 
 def _write_config(out: Path, config: VAETrainConfig | CLIPTrainConfig) -> None:
@@ -212,9 +225,11 @@ def build_clip(
     )
 
 
-def train_clip(config: CLIPTrainConfig, *, resume: str | None = None) -> Path:
+def train_clip(config: CLIPTrainConfig, *, resume: str | Path | None = None, **run: bool) -> Path:
     """Train CLIP contrastively; write ``output_dir/text_encoder`` and ``output_dir/tokenizer``
-    (diffusers layout, read by `FrozenTextEncoder.from_pretrained`) and return ``output_dir``."""
+    (diffusers layout, read by `FrozenTextEncoder.from_pretrained`) and return ``output_dir``.
+    ``resume`` and ``run`` as in `train_vae`."""
+    settings, out, accelerator, checkpoint = _start(config, resume, **run)
     images, captions = load_image_folder(config.data)
     torch.manual_seed(config.seed)
     tokenizer = build_clip_tokenizer(
@@ -228,8 +243,6 @@ def train_clip(config: CLIPTrainConfig, *, resume: str | None = None) -> Path:
     )  # (N, L); the end token has the highest id, where open_clip pools
     model = build_clip(config, len(tokenizer), tokenizer.eos_token_id, images.shape[1])
     loss_fn = open_clip.ClipLoss()
-    settings, out = config.settings(), Path(config.output_dir)
-    accelerator = make_accelerator(settings)
     device = accelerator.device
     model.to(device).train()
     tokens = tokens.to(device)
@@ -253,8 +266,7 @@ def train_clip(config: CLIPTrainConfig, *, resume: str | None = None) -> Path:
         log_every=config.log_every,
     )
     _write_config(out, config)
-    if not fit(objective, settings, out, accelerator, resume=resume):
-        return out / "checkpoints"
+    fit(objective, settings, out, accelerator, resume=checkpoint, config=config.to_dict())
     model.eval()
     text_model = open_clip_to_transformers(
         model,

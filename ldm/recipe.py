@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ldm.config import CLIPTrainConfig, DataConfig, TrainConfig, VAETrainConfig
 from ldm.data import ImageCaptionDataset, scan
+from ldm.errors import TrainingInterrupted
 from ldm.evaluation import evaluate
 from ldm.images import to_pil
 from ldm.metrics import evaluate_on_data, format_results
@@ -46,10 +47,6 @@ logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "recipe"
 SHAPES = "shapes"
 STAGES = ("vae", "clip", "unet")
-
-
-class StageStopped(RuntimeError):
-    """A stage's training was stopped (SIGINT/SIGTERM) after saving its checkpoint."""
 
 
 def _configs(configs: str | Path) -> Path:
@@ -170,15 +167,18 @@ def train_recipe(
             logger.info("%s: done already (%s)", name, done)
             return
         start = time.perf_counter()
-        run()
-        times[name] = times.get(name, 0.0) + time.perf_counter() - start
-        times_file.parent.mkdir(parents=True, exist_ok=True)
-        times_file.write_text(json.dumps(times, indent=2) + "\n")
-        if not done.exists():  # a signal stopped its training: the next stages cannot run
-            raise StageStopped(
-                f"the {name} stage stopped before it finished; run the same "
-                "command again to resume it from its checkpoint"
-            )
+
+        def record() -> None:
+            times[name] = times.get(name, 0.0) + time.perf_counter() - start
+            times_file.parent.mkdir(parents=True, exist_ok=True)
+            times_file.write_text(json.dumps(times, indent=2) + "\n")
+
+        try:
+            run()
+        except TrainingInterrupted:  # stopped by a signal: the time so far still counts
+            record()
+            raise
+        record()
 
     folders = out / "data"
     train_dir, heldout_dir = folders / "train", folders / "heldout"
@@ -200,11 +200,13 @@ def train_recipe(
         configs / "vae.yaml",
         [*common, f"heldout={heldout_dir}", f"output_dir={out / 'vae'}", *by_stage["vae"]],
     )
-    stage("vae", out / "vae" / "vae", lambda: train_vae(vae, resume="latest"))
+    stage("vae", out / "vae" / "vae", lambda: train_vae(vae, resume="auto", overwrite=True))
     clip = CLIPTrainConfig.from_yaml(
         configs / "clip.yaml", [*common, f"output_dir={out / 'clip'}", *by_stage["clip"]]
     )
-    stage("clip", out / "clip" / "open_clip", lambda: train_clip(clip, resume="latest"))
+    stage(
+        "clip", out / "clip" / "open_clip", lambda: train_clip(clip, resume="auto", overwrite=True)
+    )
 
     unet_json = json.loads((configs / "unet.json").read_text())
     unet_json["sample_size"] = resolution // 2 ** (len(vae.block_out_channels) - 1)
@@ -229,7 +231,7 @@ def train_recipe(
         ],
     )
     model = out / "unet" / "model"
-    stage("unet", model / "model_index.json", lambda: train(unet, resume="latest"))
+    stage("unet", model / "model_index.json", lambda: train(unet, resume="auto", overwrite=True))
     stage(
         "eval",
         out / "eval" / "results.json",

@@ -167,7 +167,7 @@ def sample_specs(n: int, *, seed: int = 0, split: str = "train") -> list[ShapeSp
     if split not in ("train", "heldout"):
         raise ValueError(f"split {split!r} is not allowed; use train or heldout")
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise ValueError(f"--n {n} is not allowed; use an integer >= 1")
     combos = (
         sorted(HELDOUT)
         if split == "heldout"
@@ -184,15 +184,14 @@ def sample_specs(n: int, *, seed: int = 0, split: str = "train") -> list[ShapeSp
 def make_shapes(n: int, out: str | Path, *, seed: int = 0, split: str = "train") -> Path:
     """Write ``n`` images and ``metadata.jsonl`` (``file_name``, ``text`` and the attributes) to
     ``out``, an image folder that ``ldm train`` reads. Deterministic in ``seed``. Refuses a
-    folder that already holds a ``metadata.jsonl``, so no data is overwritten."""
+    folder that holds anything, so no data is overwritten or mixed in."""
     out = Path(out)
-    metadata = out / "metadata.jsonl"
-    if metadata.exists():
-        raise FileExistsError(f"{metadata} exists; choose an empty --out folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} is not empty; choose a new or empty folder")
+    specs = sample_specs(n, seed=seed, split=split)  # checks n and split
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)
     lines = []
-    specs = sample_specs(n, seed=seed, split=split)
     for i, spec in enumerate(tqdm(specs, desc=f"rendering {split} shapes", unit="image")):
         template = CANONICAL if rng.random() < CANONICAL_SHARE else rng.choice(TEMPLATES[1:])
         name = f"{i:06d}.png"
@@ -202,7 +201,7 @@ def make_shapes(n: int, out: str | Path, *, seed: int = 0, split: str = "train")
         )
     tmp = out / "metadata.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")
-    tmp.rename(metadata)
+    tmp.rename(out / "metadata.jsonl")
     logger.info("wrote %d %s images to %s", n, split, out)
     return out
 

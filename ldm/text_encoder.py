@@ -160,6 +160,7 @@ class FrozenTextEncoder(nn.Module):
                 "the tokenizer has no pad token; CLIP pads with '<|endoftext|>' or '!'"
             )
         self.model, self.tokenizer, self.kind = model, tokenizer, kind
+        self._warned: set[str] = set()  # prompts whose truncation was reported
         if kind == "transformers":
             config = model.config
             self.max_length, self.hidden_size = config.max_position_embeddings, config.hidden_size
@@ -206,12 +207,14 @@ class FrozenTextEncoder(nn.Module):
         for prompt, ids in zip(
             prompts, self._encode(prompts)["input_ids"], strict=True
         ):  # one pass
-            if len(ids) > L:
+            if len(ids) > L and prompt not in self._warned:  # once per prompt, not per image
+                self._warned.add(prompt)
                 short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
                 logger.warning(
                     f"prompt {short!r} has {len(ids)} tokens; the text encoder reads {L} "
                     f"(with start and end tokens), so the last {len(ids) - L} were dropped"
                 )
+            if len(ids) > L:
                 ids = [*ids[: L - 1], ids[-1]]  # keep the end token, as the tokenizer truncates
             rows.append([*ids, *[pad] * (L - len(ids))])
         return torch.tensor(rows, dtype=torch.long)  # (B, L)

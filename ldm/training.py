@@ -22,7 +22,7 @@ from ldm.cache import encode_dataset, fingerprint
 from ldm.config import SchedulerConfig, TrainConfig, TrainSettings, UNetConfig
 from ldm.data import ImageCaptionDataset, scan
 from ldm.images import make_grid
-from ldm.loop import Objective, Part, Step, fit, make_accelerator
+from ldm.loop import Objective, Part, Step, fit, make_accelerator, prepare_run
 from ldm.losses import decoder_loss, diffusion_loss, loss_by_timestep_bucket
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.unet import UNet
@@ -80,10 +80,17 @@ def _unfreeze(
     return extra
 
 
-def train(config: TrainConfig, *, resume: str | None = None) -> Path:
+def train(
+    config: TrainConfig,
+    *,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+) -> Path:
     """Run a training job of the U-Net (and the parts ``train.train_vae_decoder`` and
-    ``train.train_text_encoder`` name); returns the folder of the exported pipeline, or
-    ``output_dir/checkpoints`` when a signal stopped it."""
+    ``train.train_text_encoder`` name); returns the folder of the exported pipeline. An
+    ``output_dir`` that holds a run is refused unless ``resume`` or ``overwrite`` is given
+    (`ldm.checkpoint.start_run`); SIGINT/SIGTERM save, then raise `TrainingInterrupted`."""
     t = config.train
     if t.cache_latents and (not config.data.center_crop or config.data.random_flip):
         raise ValueError(
@@ -93,6 +100,9 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
     out = Path(config.output_dir)
     accelerator = make_accelerator(t)
     main = accelerator.is_main_process
+    settings = config.to_dict()
+    options = dict(overwrite=overwrite, allow_config_change=allow_config_change)
+    checkpoint = prepare_run(out, accelerator, resume, settings, carry=("cache",), **options)
 
     # Models: the U-Net trains; the VAE's decoder and the text encoder only when asked.
     pipe = _load_models(config)
@@ -108,7 +118,7 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         report.save(out / "data_report.json")
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
     data_generator = torch.Generator().manual_seed(t.seed * 7919 + 1 + accelerator.process_index)
     dataset = ImageCaptionDataset(config.data, report.samples, generator=data_generator)
 
@@ -180,8 +190,7 @@ def train(config: TrainConfig, *, resume: str | None = None) -> Path:
         validate_every=config.validation.every,
         data_generator=data_generator,
     )
-    if not fit(objective, t, out, accelerator, resume=resume):
-        return out / "checkpoints"
+    fit(objective, t, out, accelerator, resume=checkpoint, config=settings)
 
     # Export the EMA weights (or the raw ones) as a pipeline folder.
     final = out / "model"

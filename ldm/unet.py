@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.attention import SpatialTransformer
 from ldm.config import UNetConfig
+from ldm.files import follow_umask
 from ldm.layers import Conv2d
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -357,6 +358,7 @@ class UNet(nn.Module):
         (path / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+        follow_umask(path / WEIGHTS_NAME)  # safetensors writes 0600
 
     def load_weights(self, state_dict: dict[str, Tensor], source: str = "state dict") -> None:
         """Load diffusers-named weights, failing with the lists of missing and unexpected keys."""

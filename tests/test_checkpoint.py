@@ -106,8 +106,15 @@ def test_a_crash_mid_write_leaves_the_latest_checkpoint_intact(tmp_path):
 
 def test_resolve_resume(tmp_path):
     assert resolve_resume(tmp_path, None) is None
-    assert resolve_resume(tmp_path, "latest") is None  # nothing saved yet: a fresh start
+    with pytest.raises(FileNotFoundError, match=r"--resume latest: .* holds no checkpoint-N"):
+        resolve_resume(tmp_path, "latest")  # nothing saved yet: an error, not a quiet start
+    assert resolve_resume(tmp_path, "auto") is None  # auto: a fresh start
     save_checkpoint(tmp_path, 5, write_files(1), keep=3)
+    (tmp_path / "checkpoint-5" / "training_state_0.pt").write_bytes(b"")
     assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-5"
-    with pytest.raises(FileNotFoundError, match="no checkpoint folder at"):
+    assert resolve_resume(tmp_path, "auto") == tmp_path / "checkpoint-5"
+    assert resolve_resume(tmp_path, tmp_path / "checkpoint-5") == tmp_path / "checkpoint-5"
+    with pytest.raises(FileNotFoundError, match=r"--resume .*checkpoint-99 does not exist"):
         resolve_resume(tmp_path, str(tmp_path / "checkpoint-99"))
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint folder"):
+        resolve_resume(tmp_path, tmp_path)

@@ -48,7 +48,7 @@ def test_schedule_prints_the_sampler_timesteps(capsys):
 def test_bad_argument_exits_nonzero_with_a_message_and_no_traceback(capsys):
     assert main(["schedule", "--steps", "0"]) == 2
     err = capsys.readouterr().err
-    assert "num_steps must be between 1 and num_train_timesteps=1000, got 0" in err
+    assert "--steps 0 is not allowed; use 1 to --num-train-timesteps (1000)" in err
     assert "Traceback" not in err
     with pytest.raises(SystemExit) as exit_info:
         main(["schedule", "--spacing", "karras"])

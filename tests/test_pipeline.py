@@ -149,6 +149,9 @@ def test_ddim_inversion_reconstructs_the_latents(tiny_pipe):
     [
         (dict(height=31), "height=31 must be a positive multiple of 2"),
         (dict(width=17), "width=17 must be a positive multiple of 2"),
+        (dict(height=0), "height=0 must be a positive multiple of 2"),  # not the default size
+        (dict(seed=-1), r"seed -1 is not allowed; use 0 <= seed < 2\*\*63"),
+        (dict(seed=2**63), "is not allowed; use 0 <= seed"),
         (
             dict(num_inference_steps=0),
             "num_inference_steps must be an integer from 1 to 1000, got 0",
@@ -251,7 +254,7 @@ def test_generate_command_writes_pngs_manifest_and_never_overwrites(tiny_sd_dir,
     ]
     assert manifest[0] | {"file": None} == {
         "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 5, "sampler": "ddim", "steps": 4, "guidance_scale": 7.5,
-        "eta": 0.0, "width": 32, "height": 32, "strength": None, "init_image": None, "model": tiny_sd_dir.name, "file": None,
+        "eta": 0.0, "width": 32, "height": 32, "strength": None, "init_image": None, "init_sha256": None, "model": tiny_sd_dir.name, "file": None,
     }  # fmt: skip
     settings = imaging.parse_parameters(imaging.read_parameters(out / "00001-6.png"))
     assert (
@@ -314,11 +317,12 @@ def test_generate_from_file_and_init_image(tiny_sd_dir, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--steps", "0"], "num_inference_steps must be an integer from 1 to 1000, got 0"),
-        (["--height", "31"], "height=31 must be a positive multiple of 2"),
-        (["--guidance-scale", "-2"], "guidance_scale must be a finite number >= 0"),
+        (["--steps", "0"], "--steps 0 is not allowed; use an integer >= 1"),
+        (["--steps", "1001"], "--steps 1001 is not allowed; use 1 to 1000"),
+        (["--height", "31"], "--height 31 is not allowed; use a positive multiple of 2"),
+        (["--guidance-scale", "-2"], "--guidance-scale -2.0 is not allowed"),
         (["--strength", "0.5"], "--strength needs --init-image"),
-        (["--from-file", "missing.txt"], "no prompt file at missing.txt"),
+        (["--from-file", "missing.txt"], "--from-file missing.txt: no such file"),
     ],
 )
 def test_generate_bad_arguments_exit_nonzero_with_a_message(
@@ -329,7 +333,7 @@ def test_generate_bad_arguments_exit_nonzero_with_a_message(
     )
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-    assert not list(tmp_path.glob("*.png"))
+    assert not list(tmp_path.iterdir())  # not even the --out folder's files
 
 
 def test_generate_without_a_model_uses_the_shipped_one(tmp_path, monkeypatch, capsys):

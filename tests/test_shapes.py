@@ -87,8 +87,10 @@ def test_make_shapes_is_deterministic_and_never_overwrites(tmp_path):
     assert len(pairs) == 12
     for path, spec in pairs:  # the files hold exactly the renders of their specs
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(render(spec)))
-    with pytest.raises(FileExistsError, match=r"metadata\.jsonl exists"):
+    before = sorted(p.name for p in a.iterdir())
+    with pytest.raises(FileExistsError, match=r"--out .*a is not empty"):
         make_shapes(5, a)
+    assert sorted(p.name for p in a.iterdir()) == before
 
 
 def test_bad_specs_name_the_value_and_what_is_allowed():

@@ -1,6 +1,8 @@
 """`ldm train` on tiny components: it learns, survives bad data, and resumes exactly."""
 
+import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -191,16 +193,79 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(model, tmp_path):
         tmp_path / "killed" / "model" / "unet" / "diffusion_pytorch_model.safetensors"
     )
     assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
-    log = [
-        json.loads(line)["step"]
-        for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()
+    records = [
+        json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()
     ]
-    assert log[-1] == 24
+    assert [r["step"] for r in records] == list(range(1, 25))  # the replayed steps appear once
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed)  # the resumed run's clock goes on from its checkpoint
+
+
+def file_digests(folder):
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_second_run_refuses_and_overwrite_moves_the_first_aside_complete(model, tmp_path):
+    data = colour_dataset(tmp_path / "data")
+    first = config(model, data, tmp_path / "run", max_steps=4)
+    train(first)
+    before = file_digests(tmp_path / "run")
+    with pytest.raises(
+        FileExistsError,
+        match=r"run holds a run already; continue it with --resume latest.*--overwrite",
+    ):
+        train(config(model, data, tmp_path / "run", max_steps=2))
+    assert file_digests(tmp_path / "run") == before  # byte for byte
+    with pytest.raises(FileNotFoundError, match=r"--resume latest: .* holds no checkpoint-N"):
+        train(config(model, data, tmp_path / "fresh"), resume="latest")
+    assert not (tmp_path / "fresh").exists()  # refused before anything was written
+    train(config(model, data, tmp_path / "run", max_steps=2), overwrite=True)
+    (aside,) = tmp_path.glob("run.old-*")
+    assert file_digests(aside) == before  # moved, complete
+    assert LatentDiffusionPipeline.from_pretrained(tmp_path / "run" / "model").name == "run"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
+    # --resume auto: the latest checkpoint when there is one (here: the run is finished)
+    train(config(model, data, tmp_path / "run", max_steps=2), resume="auto")
+    train(config(model, data, tmp_path / "auto", max_steps=2), resume="auto")  # else a start
+    assert (tmp_path / "auto" / "model" / "model_index.json").is_file()
+
+
+def test_resume_checks_the_config_and_goes_on_with_a_longer_run(model, tmp_path, caplog):
+    data = colour_dataset(tmp_path / "data")
+    steps = {"lr_scheduler": "cosine", "warmup_steps": 1, "checkpoint_every": 2}
+    steps["keep_checkpoints"] = 10
+    train(config(model, data, tmp_path / "run", max_steps=8, **steps))
+    checkpoint_4 = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    longer = config(model, data, tmp_path / "run", max_steps=12, **steps)
+    with pytest.raises(
+        ValueError, match=r"train\.learning_rate \(0\.001 -> 0\.01\).*allow-config-change"
+    ):
+        train(
+            config(model, data, tmp_path / "run", max_steps=12, learning_rate=1e-2, **steps),
+            resume=checkpoint_4,
+        )
+    with caplog.at_level("INFO"):
+        train(longer, resume=checkpoint_4)
+    assert "train.max_steps changes from 8 to 12" in caplog.text
+    names = sorted(p.name for p in checkpoint_4.parent.iterdir())
+    assert "superseded-checkpoint-8" in names  # the first run's later checkpoints are kept
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))  # steps 5-8 of the first run cut
+    # the cosine goes on from its value at step 4 (progress 3/7 of the 8-step run) to 0 at 12
+    progress = {s: 3 / 7 + (4 / 7) * (s - 4) / 8 for s in range(5, 13)}
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * progress[s])) for s in range(5, 13)]
+    assert [r["lr"] for r in log[4:]] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    first = [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 7)) for s in range(1, 5)]
+    assert [r["lr"] for r in log[:4]] == pytest.approx(first, rel=1e-9)
 
 
 def test_resume_from_a_missing_checkpoint_is_an_error(model, tmp_path):
     data = colour_dataset(tmp_path / "data")
-    with pytest.raises(FileNotFoundError, match="no checkpoint folder at"):
+    with pytest.raises(FileNotFoundError, match=r"--resume .*checkpoint-9 does not exist"):
         train(
             config(model, data, tmp_path / "run"),
             resume=str(tmp_path / "run" / "checkpoints" / "checkpoint-9"),
@@ -238,15 +303,16 @@ def test_latent_and_text_cache_is_built_once_reused_and_invalidated(model, tmp_p
     assert cached["means"].shape == (4, 4, 16, 16) and cached["contexts"].shape == (4, 77, 32)
     assert cached["empty_context"].shape == (1, 77, 32)
     # a second run with the same inputs reads the cache: the VAE is not called again
-    train(
-        config(model, data, tmp_path / "run", cache_latents=True, max_steps=2, checkpoint_every=100)
+    # (--overwrite moves the first run aside and links its cache into the new one)
+    again = config(
+        model, data, tmp_path / "run", cache_latents=True, max_steps=2, checkpoint_every=100
     )
+    train(again, overwrite=True)
     assert calls["encode"] == 1
+    assert len(list(tmp_path.glob("run.old-*/cache/encoded-*.safetensors"))) == 1
     # a changed image is a different dataset: a new cache
     Image.new("RGB", (32, 32), (10, 20, 30)).save(data / "red.png")
-    train(
-        config(model, data, tmp_path / "run", cache_latents=True, max_steps=2, checkpoint_every=100)
-    )
+    train(again, overwrite=True)
     assert (
         calls["encode"] == 2
         and len(list((tmp_path / "run" / "cache").glob("encoded-*.safetensors"))) == 2
@@ -286,7 +352,8 @@ def test_non_finite_losses_are_skipped_and_too_many_stop_the_run(model, tmp_path
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_before_exiting(model, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_then_exits_128_plus_it(model, tmp_path, signum):
     data = colour_dataset(tmp_path / "data")
     yaml_path = tmp_path / "run.yaml"
     run = config(model, data, tmp_path / "run", max_steps=10_000, checkpoint_every=10_000)
@@ -300,8 +367,8 @@ def test_sigterm_saves_a_checkpoint_before_exiting(model, tmp_path):
     deadline = time.time() + 120
     while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0
+    process.send_signal(signum)
+    assert process.wait(timeout=120) == 128 + signum  # 143 or 130: stopped, not finished
     last_step = json.loads(log.read_text().splitlines()[-1])["step"]
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [
         f"checkpoint-{last_step}"
