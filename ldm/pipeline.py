@@ -356,41 +356,48 @@ class LatentDiffusionPipeline:
             )
         else:
             x_T = latents.to(self.device, torch.float32)
+        settings = (num_inference_steps, guidance_scale, sampler, eta)
+        return self._generate(
+            prompts, negatives, x_T, settings, generators, seeds, output_type, progress=progress
+        )
+
+    def _generate(
+        self,
+        prompts: list[str],
+        negatives: list[str],
+        x_start: Tensor,
+        settings: tuple[int, float, str, float],
+        generators: list[torch.Generator],
+        seeds: list[int],
+        output_type: str,
+        *,
+        start_step: int = 0,
+        strength: float | None = None,
+        progress: bool = True,
+    ) -> GenerationResult:
+        """What text-to-image and image-to-image share: sample from ``x_start`` (at
+        ``start_step``), decode, and record each image's settings."""
+        steps, guidance_scale, sampler, eta = settings
         x0 = self._sample(
             prompts,
             negatives,
-            x_T,
-            num_inference_steps,
+            x_start,
+            steps,
             guidance_scale,
             sampler,
             eta,
             generators,
+            start_step=start_step,
             progress=progress,
         )
-        records = self._records(
-            prompts,
-            negatives,
-            seeds,
-            sampler,
-            num_inference_steps,
-            guidance_scale,
-            eta,
-            (width, height),
-            None,
-        )
-        return GenerationResult(self._output(x0, output_type), seeds, records)
-
-    def _records(
-        self, prompts, negatives, seeds, sampler, steps, guidance_scale, eta, size, strength
-    ) -> list[dict]:
-        """One settings record per image, as ``GenerationResult.parameters`` holds them."""
-        width, height = size
+        height, width = (d * self.vae_scale for d in x_start.shape[-2:])
         common = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "eta": eta}
         common |= {"width": width, "height": height, "strength": strength, "model": self.name}
-        return [
+        records = [
             {"prompt": p, "negative_prompt": n, "seed": seed} | common
             for p, n, seed in zip(prompts, negatives, seeds, strict=True)
         ]
+        return GenerationResult(self._output(x0, output_type), seeds, records)
 
     def _model_fn(self, prompts: list[str], negatives: list[str], guidance_scale: float):
         context = self.text_encoder(prompts).to(self.dtype)  # (B, L, D)
@@ -523,31 +530,19 @@ class LatentDiffusionPipeline:
             strength,
             **s.spacing,
         )
-        x = self._sample(
+        settings = (num_inference_steps, guidance_scale, sampler, eta)
+        return self._generate(
             prompts,
             negatives,
             x_start,
-            num_inference_steps,
-            guidance_scale,
-            sampler,
-            eta,
+            settings,
             generators,
+            seeds,
+            output_type,
             start_step=start,
+            strength=strength,
             progress=progress,
         )
-        height, width = (d * self.vae_scale for d in x0.shape[-2:])
-        records = self._records(
-            prompts,
-            negatives,
-            seeds,
-            sampler,
-            num_inference_steps,
-            guidance_scale,
-            eta,
-            (width, height),
-            strength,
-        )
-        return GenerationResult(self._output(x, output_type), seeds, records)
 
     @torch.no_grad()
     def invert(
