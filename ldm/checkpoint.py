@@ -167,7 +167,7 @@ def save_checkpoint(
 RESUME_CHOICES = "'latest' (the run's latest checkpoint), 'auto' (it if any, else a fresh start) or a checkpoint-N folder"
 # Config keys a resumed run may change: they affect only the rest of the run, not its training.
 RESUMABLE_KEYS = ("max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "output_dir")
-RESUMABLE_KEYS += ("heldout", "n_eval")
+RESUMABLE_KEYS += ("heldout",)
 
 
 def resolve_resume(folder: str | Path, resume: str | Path | None) -> Path | None:
@@ -296,7 +296,7 @@ def _compare_configs(checkpoint: Path, config: dict, allow: bool) -> None:
         return
     saved, now = (
         json.loads(saved_file.read_text()),
-        flatten(json.loads(json.dumps(config, default=str))),
+        _flat(config),
     )
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     for key in changed:
@@ -313,7 +313,12 @@ def _compare_configs(checkpoint: Path, config: dict, allow: bool) -> None:
         )
 
 
+def _flat(config: dict) -> dict:
+    """A config as `flatten` keys and JSON values (paths as strings, tuples as lists)."""
+    return flatten(json.loads(json.dumps(config, default=str)))
+
+
 def save_run_config(checkpoint: Path, config: dict) -> None:
     """The run's config in a checkpoint, for `start_run`'s comparison on resume."""
-    text = json.dumps(flatten(json.loads(json.dumps(config, default=str))), indent=2)
+    text = json.dumps(_flat(config), indent=2)
     (checkpoint / "run_config.json").write_text(text + "\n")

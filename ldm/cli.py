@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Sequence
 
 from ldm.cli_parser import build_parser
-from ldm.errors import TrainingInterrupted, one_line, user_errors
+from ldm.errors import USER_ERRORS, TrainingInterrupted, one_line
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ldm {args.command}: interrupted", file=sys.stderr)
         return 130
-    except user_errors() as error:
+    except USER_ERRORS as error:
         print(f"ldm {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except Exception:  # a bug in ldm, not the user's input: the traceback helps to fix it

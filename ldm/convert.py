@@ -440,9 +440,8 @@ def _tokenizer_from_files(files: dict[str, str]):
 
     with tempfile.TemporaryDirectory() as folder:
         for name, text in files.items():
-            (Path(folder) / "tokenizer").mkdir(exist_ok=True)
-            (Path(folder) / "tokenizer" / name).write_text(text, encoding="utf-8")
-        return load_tokenizer(Path(folder) / "tokenizer")
+            (Path(folder) / name).write_text(text, encoding="utf-8")
+        return load_tokenizer(folder)  # a tokenizer folder itself
 
 
 def save_single_file(unet: UNet, vae, text_encoder, path: str | Path, scheduler=None) -> None:

@@ -1,4 +1,4 @@
-"""What ldm raises on purpose. The CLI (`ldm.cli.main`) prints `user_errors()` as one line and
+"""What ldm raises on purpose. The CLI (`ldm.cli.main`) prints `USER_ERRORS` as one line and
 exits 2, a `TrainingInterrupted` as one line and exits 128 + the signal (130 for SIGINT, 143
 for SIGTERM), and anything else with its traceback and a request to report it."""
 
@@ -24,11 +24,9 @@ class TrainingInterrupted(Exception):
         return 128 + self.signum
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Bad input: values and files a user gave. Everything else is a bug in ldm."""
-    import yaml
-
-    return (ValueError, OSError, FloatingPointError, yaml.YAMLError)
+# Bad input: values and files a user gave (`ldm.config_io` turns YAML errors into ValueErrors).
+# Everything else is a bug in ldm.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError)
 
 
 def one_line(error: BaseException) -> str:

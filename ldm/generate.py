@@ -288,6 +288,19 @@ def parse_memory(text: str) -> int:
     return int(float(match.group(1)) * unit)
 
 
+def output_size(
+    request: GenerateRequest, factor: int, default: int | None = None
+) -> tuple[int | None, int | None]:
+    """(height, width): the flags', else the init image's rounded down to a multiple of the
+    VAE's ``factor``, else ``default`` (None: the pipeline's own)."""
+    height, width = request.height, request.width
+    if request.init_image is not None and (height is None or width is None):
+        with Image.open(request.init_image) as image:
+            height = height or image.height // factor * factor
+            width = width or image.width // factor * factor
+    return height or default, width or default
+
+
 def plan_batches(
     request: GenerateRequest,
     facts: ModelFacts,
@@ -300,11 +313,7 @@ def plan_batches(
     load: sizes are positive multiples of the VAE's factor, steps within the schedule, and one
     batch's estimated memory within ``budget`` bytes (else an error with the estimate)."""
     f = facts.vae_factor
-    height, width = request.height, request.width
-    if request.init_image is not None and (height is None or width is None):
-        with Image.open(request.init_image) as image:
-            height, width = height or image.height // f * f, width or image.width // f * f
-    height, width = height or facts.default_size, width or facts.default_size
+    height, width = output_size(request, f, facts.default_size)
     for flag, value in (("--height", height), ("--width", width)):
         if value <= 0 or value % f:
             raise ValueError(
@@ -361,15 +370,10 @@ def generate_to_folder(
     out = Path(out)
     if request.init_image is not None and request.strength is None:
         request = dataclasses.replace(request, strength=0.8)
-    height, width = size if size is not None else (request.height, request.width)
+    height, width = size if size is not None else output_size(request, pipe.vae_scale)
     init, init_record = None, None
     if request.init_image is not None:
-        init = imaging.from_pil(request.init_image)  # (1, 3, H, W)
-        f = pipe.vae_scale
-        height = height or init.shape[-2] // f * f
-        width = width or init.shape[-1] // f * f
-        if (height, width) != tuple(init.shape[-2:]):
-            init = imaging.from_pil(request.init_image, (width, height))
+        init = imaging.from_pil(request.init_image, (width, height))  # (1, 3, H, W), resized
         init_record = {
             "init_image": str(request.init_image),
             "init_sha256": sha256(request.init_image),

@@ -136,24 +136,25 @@ def _average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
-def _lr_lambda(t: TrainSettings, state: TrainingState):
-    """The LR factor at a step: linear warm-up, then constant or cosine over the progress
-    p = (step - warmup) / (max_steps - warmup). When a resumed run changes max_steps, progress
-    goes on linearly from ``state.anchor`` = (step s0, progress p0) to 1 at the new max_steps,
-    so the LR continues from its value instead of jumping."""
+def _progress(t: TrainSettings, anchor: tuple[int, float] | None, step: int) -> float:
+    """The cosine's progress p = (step - warmup) / (max_steps - warmup). When a resumed run
+    changes max_steps, p goes on linearly from ``anchor`` = (step s0, progress p0) to 1 at the
+    new max_steps, so the LR continues from its value instead of jumping."""
+    s0, p0 = anchor if anchor is not None else (t.warmup_steps, 0.0)
+    return p0 + (1 - p0) * (step - s0) / max(1, t.max_steps - s0)
 
-    def progress(step: int) -> float:
-        s0, p0 = state.anchor if state.anchor is not None else (t.warmup_steps, 0.0)
-        return p0 + (1 - p0) * (step - s0) / max(1, t.max_steps - s0)
+
+def _lr_lambda(t: TrainSettings, state: TrainingState):
+    """The LR factor at a step: linear warm-up, then constant or cosine (`_progress`, with
+    ``state.anchor`` as it is when the step is taken)."""
 
     def factor(step: int) -> float:
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
         if t.lr_scheduler == "constant":
             return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(max(progress(step), 0.0), 1.0)))
+        return 0.5 * (1 + math.cos(math.pi * min(max(_progress(t, state.anchor, step), 0.0), 1.0)))
 
-    factor.progress = progress
     return factor
 
 
@@ -217,8 +218,7 @@ def fit(
     optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=fused)
     generator = torch.Generator().manual_seed(t.seed * 7919 + accelerator.process_index)
     state = TrainingState(0, 0, 0, generator, objective.data_generator, max_steps=t.max_steps)
-    lr_factor = _lr_lambda(t, state)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t, state))
     # The schedule is stepped once per optimizer update by us, not by Accelerate (which would step
     # it once per process), and checkpointed as a registered object. Accelerate saves registered
     # objects from the main process only, so each process saves its own TrainingState.
@@ -262,7 +262,7 @@ def fit(
         logger.info("resumed %s from %s at step %d", objective.name, checkpoint, state.step)
         if state.max_steps and state.max_steps != t.max_steps and state.step >= t.warmup_steps:
             old = dataclasses.replace(t, max_steps=state.max_steps)
-            state.anchor = (state.step, _lr_lambda(old, state).progress(state.step))
+            state.anchor = (state.step, _progress(old, state.anchor, state.step))
             logger.info(
                 "max_steps changes from %d to %d: the LR goes on from its value at step %d",
                 state.max_steps,

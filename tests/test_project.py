@@ -117,7 +117,6 @@ EXTRA_PACKAGES = {
     "data": {"PIL", "datasets"},
     "config": {"yaml"},
     "config_io": {"yaml"},
-    "errors": {"yaml"},
     "loop": {"accelerate", "tqdm", "PIL"},
     "training": {"PIL"},
     "cache": {"safetensors"},
