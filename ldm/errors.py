@@ -24,7 +24,7 @@ class TrainingInterrupted(Exception):
         return 128 + self.signum
 
 
-# Bad input: values and files a user gave (`ldm.config_io` turns YAML errors into ValueErrors).
+# Bad input: values and files a user gave (`ldm.config.io` turns YAML errors into ValueErrors).
 # Everything else is a bug in ldm.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError)
 

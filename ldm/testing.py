@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ldm.config import SchedulerConfig, UNetConfig
-from ldm.text_encoder import build_clip_tokenizer
+from ldm.encoders.text import build_clip_tokenizer
 
 # "tiny" for tests. "small" has the sizes NOTES.md measured for a default-model-sized model:
 # U-Net channels (32, 64, 128), 4.6M parameters; VAE (16, 32, 64, 64), 1M; 64 px -> 8x8 latents.
@@ -110,7 +110,7 @@ def save_tiny_stable_diffusion(
     return path
 
 
-# `ldm.recipe`'s configs at a size that runs every stage in seconds (paths are set by the recipe).
+# `ldm.training.recipe`'s configs at a size that runs every stage in seconds (paths are set by the recipe).
 TINY_RECIPE = {
     "vae.yaml": {
         "data": "unused",

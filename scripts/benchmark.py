@@ -16,7 +16,6 @@ import argparse
 import json
 
 import torch
-
 from ldm.benchmark import (
     benchmark_conv,
     benchmark_default_generate,
@@ -25,6 +24,7 @@ from ldm.benchmark import (
     benchmark_unet,
     environment,
 )
+
 from ldm.config import UNET_PRESETS, UNetConfig, resolve_model
 
 CONV_SHAPES = [  # (C_in, C_out, size, stride): the SD 1.5 U-Net's 3x3 convolutions at 32x32 latents

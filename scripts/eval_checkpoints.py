@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.default_model import evaluate_checkpoints
+from ldm.training.default_model import evaluate_checkpoints
 
 
 def main() -> None:

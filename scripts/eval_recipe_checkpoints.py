@@ -1,5 +1,5 @@
 """Figures against training steps for an `ldm train-recipe` run: each kept U-Net checkpoint (its
-EMA weights, as exported) scored by `ldm.metrics.evaluate_on_data` on training captions.
+EMA weights, as exported) scored by `ldm.data.metrics.evaluate_on_data` on training captions.
 
 python scripts/eval_recipe_checkpoints.py RUN [--n 100] [--every 1]
 
@@ -10,12 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.checkpoint import checkpoints
 from ldm.config import DataConfig
-from ldm.default_model import load_checkpoint_ema
-from ldm.metrics import evaluate_on_data
+from ldm.data.metrics import evaluate_on_data
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.pretrain import load_retrieval
+from ldm.training.checkpoint import checkpoints
+from ldm.training.default_model import load_checkpoint_ema
+from ldm.training.pretrain import load_retrieval
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -2,7 +2,7 @@
 
 python scripts/eval_shapes.py [--model PATH] [--n 200] [--out docs/figures]
 
-Runs `ldm.evaluation.evaluate` over guidance scales 1, 3, 7.5 (DDIM 50 steps) and samplers
+Runs `ldm.shapes.detector.evaluate` over guidance scales 1, 3, 7.5 (DDIM 50 steps) and samplers
 DDIM 10/20/50/100 and DDPM 1000 (guidance 7.5), then writes OUT/eval_shapes.json,
 OUT/eval_shapes.md (the table) and OUT/eval_shapes.png (the plot).
 """
@@ -11,8 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.evaluation import DEFAULT_SETTINGS, evaluate, format_table
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.shapes.detector import DEFAULT_SETTINGS, evaluate, format_table
 
 
 def plot(results: dict[str, dict[str, float]], path: Path) -> None:

@@ -9,7 +9,7 @@ Writes OUT/train and OUT/heldout (PNG icons with metadata.jsonl; captions from t
 
 import argparse
 
-from ldm.icon_theme import DEFAULT_CONTEXTS, make_icon_dataset
+from ldm.data.icon_theme import DEFAULT_CONTEXTS, make_icon_dataset
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

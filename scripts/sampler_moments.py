@@ -1,6 +1,6 @@
 """How well DDPM and DDIM sample a Gaussian with the exact model: the table in docs/sampling.md.
 
-Data x0 ~ N(mu, sigma^2) has a closed-form optimal denoiser (ldm.analytic), so the error of
+Data x0 ~ N(mu, sigma^2) has a closed-form optimal denoiser (ldm.diffusion.analytic), so the error of
 the sampled mean and standard deviation is the sampler's own. Prints a Markdown table.
 
     python scripts/sampler_moments.py [--samples 200000] [--schedule linear]
@@ -8,8 +8,8 @@ the sampled mean and standard deviation is the sampler's own. Prints a Markdown 
 
 import argparse
 
-from ldm.analytic import gaussian_sampler_errors
-from ldm.schedule import BETA_SCHEDULES, NoiseSchedule
+from ldm.diffusion.analytic import gaussian_sampler_errors
+from ldm.diffusion.schedule import BETA_SCHEDULES, NoiseSchedule
 
 BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "cosine": (0.0, 0.0)}
 RUNS = [  # (sampler, num_steps, eta, spacing)

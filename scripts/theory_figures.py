@@ -3,7 +3,7 @@ DDIM inversion against forward noising.
 
 python scripts/theory_figures.py [--model PATH] [--out docs/figures] [--n 64] [--steps 50]
 
-Runs `ldm.experiments.run_theory`: image-to-image at strengths 0, 0.1, ..., 1 (empty prompt at
+Runs `ldm.shapes.theory.run_theory`: image-to-image at strengths 0, 0.1, ..., 1 (empty prompt at
 guidance 1, and the captions at guidance 7.5) and DDIM inversion against forward noising, on N
 ground-truth shapes renders. Writes OUT/theory_schedules.png, OUT/theory_img2img.png,
 OUT/theory_img2img_prompted.png, OUT/theory_img2img_curves.png, OUT/theory_inversion.png,
@@ -14,11 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.experiments import SCHEDULES, STRENGTHS, format_tables, run_theory
+from ldm.diffusion.schedule import NoiseSchedule
 from ldm.images import make_grid
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.schedule import NoiseSchedule
-from ldm.shapes import render
+from ldm.shapes.theory import SCHEDULES, STRENGTHS, format_tables, run_theory
+from ldm.shapes.world import render
 
 COLUMN_TITLES = {  # InversionResult keys for the default fixed_point_iters and noise_seeds
     "vae": "VAE",

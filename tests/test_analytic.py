@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ldm.analytic import MomentErrors, gaussian_model_fn
-from ldm.schedule import NoiseSchedule
+from ldm.diffusion.analytic import MomentErrors, gaussian_model_fn
+from ldm.diffusion.schedule import NoiseSchedule
 
 MU, SIGMA = 0.5, 0.8
 

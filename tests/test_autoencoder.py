@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm.autoencoder import FrozenVAE
+from ldm.encoders.vae import FrozenVAE
 
 SCALE, SHIFT = 0.5, 0.1  # not SD's defaults, to prove both are read from the config
 

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from ldm.checkpoint import EMA, checkpoints, latest_checkpoint, resolve_resume, save_checkpoint
+from ldm.training.checkpoint import (
+    EMA,
+    checkpoints,
+    latest_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 
 
 def test_ema_closed_form_and_exact_state_round_trip():

@@ -6,8 +6,8 @@ import pytest
 
 from ldm import __version__
 from ldm.cli import main
-from ldm.sampling import make_timesteps
-from ldm.schedule import NoiseSchedule
+from ldm.diffusion.samplers import make_timesteps
+from ldm.diffusion.schedule import NoiseSchedule
 
 
 def test_console_script_help_and_version():

@@ -252,7 +252,8 @@ def test_the_table_covers_every_case_the_issue_lists():
 def test_an_internal_error_prints_its_traceback_and_asks_for_a_report(
     tmp_path, monkeypatch, capsys
 ):
-    from ldm import cli, cli_commands
+    from ldm import cli
+    from ldm.cli import commands as cli_commands
 
     def broken(args):
         raise KeyError("a bug")

@@ -10,8 +10,7 @@ from safetensors.torch import load_file, save_file
 from test_unet import inputs, twins
 
 from ldm.cli import main
-from ldm.conversion import convert
-from ldm.convert import (
+from ldm.formats.single_file import (
     COMPVIS_UNET_PREFIX,
     load_checkpoint,
     load_unet_single_file,
@@ -19,7 +18,8 @@ from ldm.convert import (
     unet_compvis_to_diffusers,
     unet_diffusers_to_compvis,
 )
-from ldm.unet import UNet
+from ldm.nn.unet import UNet
+from ldm.pipeline.convert import convert
 
 
 @pytest.mark.parametrize("preset", ["tiny-sd1", "tiny-sd2"])
@@ -91,7 +91,7 @@ def test_compvis_names_agree_with_diffusers_converter(preset, tmp_path):
 
 def test_single_file_config_is_read_from_the_weights(tmp_path):
     # SD 1 and SD 2 are told apart by the cross-attention width (768 vs 1024)
-    from ldm.convert import detect_unet_preset
+    from ldm.formats.single_file import detect_unet_preset
 
     key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     assert detect_unet_preset({key: torch.empty(320, 768)}) == "sd15"

@@ -7,10 +7,15 @@ import pytest
 import torch
 
 from ldm.config import DEFAULT_MODEL
-from ldm.default_model import evaluate_checkpoints, load_checkpoint_ema, ship, train_default
-from ldm.evaluation import EvalSetting, evaluate
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.shapes.detector import EvalSetting, evaluate
 from ldm.testing import write_recipe_configs
+from ldm.training.default_model import (
+    evaluate_checkpoints,
+    load_checkpoint_ema,
+    ship,
+    train_default,
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +116,7 @@ def test_ldm_generate_uses_the_shipped_model_with_no_model_flag(tmp_path):
     from PIL import Image
 
     from ldm.cli import main
-    from ldm.evaluation import detect
+    from ldm.shapes.detector import detect
 
     prompt = "a large red circle in the center on a blue background"
     assert main(["generate", prompt, "--out", str(tmp_path), "--seed", "0"]) == 0

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.evaluation import Detection, EvalSetting, Scores, detect, evaluate, format_table
-from ldm.shapes import COLORS, ShapeSpec, render, sample_specs
+from ldm.shapes.detector import Detection, EvalSetting, Scores, detect, evaluate, format_table
+from ldm.shapes.world import COLORS, ShapeSpec, render, sample_specs
 
 
 @pytest.mark.parametrize("split", ["train", "heldout"])

@@ -17,8 +17,8 @@ from PIL import Image
 from ldm import images as imaging
 from ldm.cli import main
 from ldm.config import DEFAULT_MODEL
-from ldm.generate import GenerateRequest, ModelFacts, parse_memory, plan_batches
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.pipeline.folder import GenerateRequest, ModelFacts, parse_memory, plan_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ldm.losses import diffusion_loss, loss_by_timestep_bucket, min_snr_weight
-from ldm.schedule import NoiseSchedule
+from ldm.diffusion.losses import diffusion_loss, loss_by_timestep_bucket, min_snr_weight
+from ldm.diffusion.schedule import NoiseSchedule
 
 
 def exact_model(schedule, x0):

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from ldm.config import DataConfig
-from ldm.icon_theme import caption_from_name, make_icon_dataset
-from ldm.metrics import evaluate_on_data, format_results, load_pixels, rms_distances
+from ldm.data.icon_theme import caption_from_name, make_icon_dataset
+from ldm.data.metrics import evaluate_on_data, format_results, load_pixels, rms_distances
 
 
 def colour_folder(folder, n=24, size=32):

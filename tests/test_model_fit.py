@@ -1,4 +1,4 @@
-"""ldm.model_fit and `ldm check-data`'s model-fit warnings: the shipped VAE and tokenizer, full
+"""ldm.data.model_fit and `ldm check-data`'s model-fit warnings: the shipped VAE and tokenizer, full
 CLIP's tokenizer, tiny generated image folders."""
 
 import json
@@ -9,12 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.autoencoder import FrozenVAE
 from ldm.cli import main
 from ldm.config import DEFAULT_MODEL, DataConfig
 from ldm.data import ImageCaptionDataset, scan
-from ldm.images import psnr
-from ldm.model_fit import (
+from ldm.data.model_fit import (
     UNKNOWN_WORDS_THRESHOLD,
     VAE_PSNR_THRESHOLD,
     ModelFit,
@@ -24,7 +22,9 @@ from ldm.model_fit import (
     unknown_words,
     vae_psnr,
 )
-from ldm.text_encoder import build_clip_tokenizer, load_tokenizer
+from ldm.encoders.text import build_clip_tokenizer, load_tokenizer
+from ldm.encoders.vae import FrozenVAE
+from ldm.images import psnr
 
 # 27 words once "3", "!" and "," are left out and "dog's" is "dog" + "'s". Full CLIP splits
 # "okapi" only; the shipped tokenizer knows a, red, circle, on, blue, background, the only.

@@ -337,9 +337,9 @@ def test_generate_bad_arguments_exit_nonzero_with_a_message(
 
 
 def test_generate_without_a_model_uses_the_shipped_one(tmp_path, monkeypatch, capsys):
-    import ldm.generate
+    import ldm.pipeline.folder
 
-    monkeypatch.setattr(ldm.generate, "DEFAULT_MODEL", tmp_path / "not-installed")
+    monkeypatch.setattr(ldm.pipeline.folder, "DEFAULT_MODEL", tmp_path / "not-installed")
     assert main(["generate", PROMPT, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not-installed" in err and "pass --model PATH" in err

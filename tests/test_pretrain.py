@@ -13,10 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm.autoencoder import FrozenVAE
 from ldm.config import CLIPTrainConfig, VAETrainConfig
+from ldm.encoders.text import (
+    FrozenTextEncoder,
+    build_clip_tokenizer,
+    clip_encode,
+    open_clip_to_transformers,
+)
+from ldm.encoders.vae import FrozenVAE
 from ldm.images import psnr
-from ldm.pretrain import (
+from ldm.shapes.world import make_shapes, vocabulary
+from ldm.training.pretrain import (
     build_clip,
     build_vae,
     load_image_folder,
@@ -24,13 +31,6 @@ from ldm.pretrain import (
     to_model_range,
     train_clip,
     train_vae,
-)
-from ldm.shapes import make_shapes, vocabulary
-from ldm.text_encoder import (
-    FrozenTextEncoder,
-    build_clip_tokenizer,
-    clip_encode,
-    open_clip_to_transformers,
 )
 
 

@@ -11,166 +11,125 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ldm"
 
-# Which ldm modules each module may import: imports go downward only (../shared/STYLE.md).
+# Which parts of ldm each part may import: a part is a subpackage or a top-level module, and
+# imports go downward only (docs/architecture.md draws these layers).
+BASE = {"config", "errors", "files", "images"}
+MODELS = BASE | {"diffusion", "nn", "encoders", "formats"}
 ALLOWED_IMPORTS = {
-    "__init__": {"config", "pipeline"},  # the pipeline lazily, on first use
-    "config": {"config_io"},
-    "config_io": set(),
-    "shapes": set(),
-    "evaluation": {"images", "shapes"},
-    "pretrain": {"config", "files", "images", "loop", "text_encoder"},
-    "recipe": {
-        "config",
-        "data",
-        "errors",
-        "evaluation",
-        "images",
-        "metrics",
-        "pipeline",
-        "pretrain",
-        "shapes",
-        "training",
-    },
-    "default_model": {"checkpoint", "config", "evaluation", "pipeline", "recipe"},
-    "layers": set(),
-    "schedule": set(),
-    "attention": {"layers"},
-    "sampling": {"schedule"},
-    "losses": {"schedule"},
-    "checkpoint": set(),
-    "cache": {"config"},
-    "loop": {"checkpoint", "config", "errors"},
-    "training": {
-        "cache",
-        "config",
-        "data",
-        "images",
-        "loop",
-        "losses",
-        "pipeline",
-        "unet",
-        "autoencoder",
-        "text_encoder",
-    },
-    "unet": {"attention", "config", "files", "layers"},
-    "analytic": {"schedule", "sampling"},
-    "convert": {"autoencoder", "config", "text_encoder", "unet"},
-    "conversion": {"convert", "files", "pipeline", "unet"},
-    "autoencoder": set(),
-    "text_encoder": set(),
-    "images": set(),
-    "data": {"config", "images"},
-    "model_fit": {"autoencoder", "config", "data", "images", "text_encoder"},
-    "metrics": {"config", "data", "images", "model_fit", "text_encoder"},
-    "icon_theme": set(),
-    "pipeline": {
-        "autoencoder",
-        "config",
-        "convert",
-        "files",
-        "images",
-        "sampling",
-        "schedule",
-        "text_encoder",
-        "unet",
-    },
-    "generate": {"config", "images", "pipeline"},
-    "experiments": {"evaluation", "images", "pipeline", "sampling", "schedule", "shapes"},
-    "testing": {"config", "text_encoder"},
-    "benchmark": {"config", "data", "layers", "pipeline", "testing", "training", "unet"},
     "errors": set(),
     "files": set(),
-    "cli": {"cli_parser", "errors"},
-    "cli_parser": {"__init__", "cli_commands", "config", "sampling", "schedule"},
-    "cli_commands": {
-        "checkpoint",
-        "autoencoder",
-        "config",
-        "conversion",
-        "data",
-        "default_model",
-        "evaluation",
-        "metrics",
-        "model_fit",
-        "pretrain",
-        "recipe",
-        "shapes",
-        "generate",
-        "pipeline",
-        "schedule",
-        "sampling",
-        "text_encoder",
-        "training",
-    },
+    "images": set(),
+    "config": set(),
+    "diffusion": {"config"},
+    "nn": {"config", "files"},
+    "encoders": {"config"},
+    "formats": {"config", "files", "nn", "encoders"},
+    "data": {"config", "images", "encoders"},
+    "pipeline": MODELS,
+    "shapes": MODELS | {"pipeline"},
+    "testing": {"config", "encoders"},
+    "training": MODELS | {"data", "pipeline", "shapes"},
+    "cli": MODELS | {"data", "pipeline", "shapes", "training", "__init__"},
+    "__init__": MODELS | {"pipeline", "training"},  # the heavy ones lazily, on first use
 }
-# Third-party packages a module may import, beyond torch, numpy and the standard library.
+# Third-party packages a part may import, beyond torch, numpy, tqdm and the standard library.
 EXTRA_PACKAGES = {
-    "sampling": {"tqdm"},
-    "generate": {"PIL", "tqdm"},
-    "unet": {"safetensors"},
-    "convert": {"safetensors", "diffusers", "transformers"},
-    "conversion": {"safetensors"},
-    "benchmark": {"diffusers", "accelerate", "transformers", "PIL"},
-    "autoencoder": {"diffusers"},
-    "text_encoder": {"transformers", "open_clip", "safetensors"},
-    "images": {"PIL"},
-    "data": {"PIL", "datasets"},
     "config": {"yaml"},
-    "config_io": {"yaml"},
-    "loop": {"accelerate", "tqdm", "PIL"},
-    "training": {"PIL"},
-    "cache": {"safetensors"},
-    "pipeline": {"PIL"},
+    "images": {"PIL"},
+    "nn": {"safetensors"},
+    "encoders": {"diffusers", "transformers", "open_clip", "safetensors"},
+    "formats": {"safetensors", "diffusers", "transformers"},
+    "data": {"PIL", "datasets"},
+    "pipeline": {"PIL", "safetensors"},
+    "shapes": {"PIL"},
     "testing": {"diffusers", "transformers", "yaml"},
-    "shapes": {"PIL", "tqdm"},
-    "evaluation": {"PIL", "tqdm"},
-    "experiments": {"PIL"},
-    "pretrain": {"diffusers", "open_clip", "PIL", "safetensors", "tqdm", "transformers"},
-    "recipe": {"PIL", "tqdm"},
-    "metrics": {"tqdm"},
+    "training": {"accelerate", "diffusers", "open_clip", "PIL", "safetensors", "transformers"},
 }
-ALWAYS = {"torch", "numpy"}
+ALWAYS = {"torch", "numpy", "tqdm"}
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def part_of(path: Path) -> str:
+    """``ldm/diffusion/samplers.py`` -> ``diffusion``; ``ldm/images.py`` -> ``images``."""
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
 
 
 def imports_of(path: Path) -> set[str]:
+    """Every module a file imports, as dotted names (``from ldm import images`` -> ldm.images)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module != "ldm":
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            assert node.level == 0, f"{path}: use absolute imports"
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names}
+            submodules = {name for name in submodules if ldm_module(name) is not None}
+            names.update(submodules)
+            if len(submodules) < len(node.names):  # names defined in node.module itself
                 names.add(node.module)
-                continue
-            for alias in node.names:  # `from ldm import images` imports ldm/images.py
-                is_module = (PACKAGE / f"{alias.name}.py").exists()
-                names.add(f"ldm.{alias.name}" if is_module else "ldm")
     return names
 
 
-@pytest.mark.parametrize("module", sorted(p.stem for p in PACKAGE.glob("*.py")))
-def test_imports_go_downward_only(module):
-    assert module in ALLOWED_IMPORTS, (
-        f"ldm/{module}.py is new: add its allowed imports to ALLOWED_IMPORTS"
-    )
-    imported = imports_of(PACKAGE / f"{module}.py")
-    internal = {
-        name.split(".")[1] if name.count(".") else "__init__"
-        for name in imported
-        if name.split(".")[0] == "ldm"
-    }
-    internal = {
-        name for name in internal if (PACKAGE / f"{name}.py").exists() or name == "__init__"
-    }
-    assert internal <= ALLOWED_IMPORTS[module], (
-        f"ldm/{module}.py imports {internal - ALLOWED_IMPORTS[module]}"
-    )
+def ldm_module(name: str) -> Path | None:
+    """The file behind a dotted ldm name, or None when it is not a module of ldm."""
+    parts = name.split(".")
+    if parts[0] != "ldm":
+        return None
+    base = PACKAGE.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[str(p.relative_to(ROOT)) for p in MODULES])
+def test_imports_go_downward_only(path):
+    part = part_of(path)
+    assert part in ALLOWED_IMPORTS, f"ldm/{part} is new: add its allowed imports to ALLOWED_IMPORTS"
+    imported = imports_of(path)
+    parts = {part_of(m) for m in map(ldm_module, imported) if m is not None} - {part}
+    assert parts <= ALLOWED_IMPORTS[part], f"{path} imports {parts - ALLOWED_IMPORTS[part]}"
     external = {name.split(".")[0] for name in imported} - {"ldm"} - set(sys.stdlib_module_names)
-    allowed = ALWAYS | EXTRA_PACKAGES.get(module, set())
-    assert external <= allowed, f"ldm/{module}.py imports {external - allowed}"
+    allowed = ALWAYS | EXTRA_PACKAGES.get(part, set())
+    assert external <= allowed, f"{path} imports {external - allowed}"
+
+
+def test_no_module_imports_itself_in_a_circle():
+    graph = {
+        path: {m for m in map(ldm_module, imports_of(path)) if m is not None and m != path}
+        for path in MODULES
+    }
+    graph = {
+        path: {m for m in deps if m.name != "__init__.py" or m.parent != path.parent}
+        for path, deps in graph.items()
+    }
+    done, active = set(), []
+
+    def visit(path):
+        assert path not in active, " -> ".join(str(p.relative_to(PACKAGE)) for p in active)
+        if path in done:
+            return
+        active.append(path)
+        for dep in graph[path]:
+            visit(dep)
+        active.pop()
+        done.add(path)
+
+    for path in MODULES:
+        visit(path)
+
+
+def test_only_the_training_loop_imports_accelerate():
+    importers = {p for p in MODULES if any(n.split(".")[0] == "accelerate" for n in imports_of(p))}
+    assert importers == {PACKAGE / "training" / "loop.py"}, importers
 
 
 def test_import_ldm_loads_no_heavy_dependency():
-    code = "import sys, ldm, ldm.cli, ldm.sampling, ldm.analytic; print(sorted(sys.modules))"
+    code = (
+        "import sys, ldm, ldm.cli, ldm.diffusion.samplers, ldm.diffusion.analytic;"
+        " print(sorted(sys.modules))"
+    )
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
@@ -179,7 +138,7 @@ def test_import_ldm_loads_no_heavy_dependency():
 
 
 def test_the_unet_needs_only_torch_safetensors_and_json():
-    code = "import sys, ldm.unet; print(sorted(sys.modules))"
+    code = "import sys, ldm.nn.unet; print(sorted(sys.modules))"
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
@@ -188,16 +147,30 @@ def test_the_unet_needs_only_torch_safetensors_and_json():
         "transformers",
         "accelerate",
         "open_clip",
-        "ldm.schedule",
-        "ldm.sampling",
-        "ldm.convert",
+        "ldm.diffusion",
+        "ldm.encoders",
+        "ldm.formats",
     ):
         assert f"'{module}'" not in loaded, module
 
 
-def test_modules_read_in_one_sitting():
-    for path in PACKAGE.glob("*.py"):
-        assert len(path.read_text().splitlines()) <= 600, path
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
+
+
+def test_modules_and_functions_read_in_one_sitting():
+    """No module over 400 lines, no function (or method) over 80, outside tests."""
+    too_long = []
+    for path in MODULES:
+        text = path.read_text()
+        name = path.relative_to(ROOT)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}:{node.lineno} {node.name}(): {length} lines")
+    assert not too_long, "\n".join(too_long)
 
 
 def readme_commands() -> list[str]:
@@ -251,9 +224,12 @@ def test_python_snippets_in_the_docs_run(page, tmp_path, monkeypatch):
 
 def test_docs_cite_every_equation_the_code_cites():
     docs = (ROOT / "docs" / "sampling.md").read_text()
-    for module in ("schedule", "sampling"):
+    for module in ("schedule", "samplers"):
         for eq in set(
-            re.findall(r"(DDPM|DDIM) eqs?\. \((\d+)\)", (PACKAGE / f"{module}.py").read_text())
+            re.findall(
+                r"(DDPM|DDIM) eqs?\. \((\d+)\)",
+                (PACKAGE / "diffusion" / f"{module}.py").read_text(),
+            )
         ):
             assert re.search(rf"{eq[0]} eqs?\. .*?\({eq[1]}\)", docs), (
                 f"docs/sampling.md lacks {eq[0]} eq. ({eq[1]})"

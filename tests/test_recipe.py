@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from ldm.config import CLIPTrainConfig
-from ldm.metrics import caption_retrieval
+from ldm.data.metrics import caption_retrieval
+from ldm.encoders.text import build_clip_tokenizer, count_tokens, load_tokenizer
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.pretrain import build_clip, load_clip, save_clip
-from ldm.recipe import _captions, _split_overrides, train_recipe
 from ldm.testing import write_recipe_configs
-from ldm.text_encoder import build_clip_tokenizer, count_tokens, load_tokenizer
+from ldm.training.pretrain import build_clip, load_clip, save_clip
+from ldm.training.recipe import _captions, _split_overrides, train_recipe
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
 THINGS = ["folder", "printer", "camera", "battery", "keyboard", "speaker", "monitor", "bell"]
@@ -115,7 +115,7 @@ def test_running_the_recipe_again_resumes_nothing_finished(icon_run):
 
 
 def test_a_given_heldout_dataset_is_used_instead_of_a_split(tmp_path):
-    from ldm.recipe import prepare_data
+    from ldm.training.recipe import prepare_data
 
     train = icon_folder(tmp_path / "train", n=6)
     heldout = icon_folder(tmp_path / "heldout", n=3)

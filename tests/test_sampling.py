@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ldm.analytic import MomentErrors, gaussian_model_fn
-from ldm.sampling import (
+from ldm.diffusion.analytic import MomentErrors, gaussian_model_fn
+from ldm.diffusion.samplers import (
     guided_eps_fn,
     img2img_start,
     invert_ddim,
@@ -14,7 +14,7 @@ from ldm.sampling import (
     sample_ddim,
     sample_ddpm,
 )
-from ldm.schedule import NoiseSchedule
+from ldm.diffusion.schedule import NoiseSchedule
 
 SD15 = dict(
     beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000

@@ -4,7 +4,7 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
 
-from ldm.schedule import NoiseSchedule, make_betas, rescale_zero_terminal_snr
+from ldm.diffusion.schedule import NoiseSchedule, make_betas, rescale_zero_terminal_snr
 
 SCHEDULES = [
     ("linear", 1e-4, 0.02),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.shapes import (
+from ldm.shapes.world import (
     CANONICAL,
     COLORS,
     HELDOUT,

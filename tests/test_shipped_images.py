@@ -34,7 +34,11 @@ def shipped_images() -> dict[str, np.ndarray]:
     pipe = LatentDiffusionPipeline.from_pretrained(DEFAULT_MODEL)
     return {
         sampler: pipe(
-            PROMPTS, seed=1234, num_inference_steps=20, sampler=sampler, output_type="np",
+            PROMPTS,
+            seed=1234,
+            num_inference_steps=20,
+            sampler=sampler,
+            output_type="np",
             progress=False,
         ).images
         for sampler in ("ddim", "ddpm")

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from test_text_encoder import TINY_OPEN_CLIP
 
 from ldm.cli import main
-from ldm.convert import (
+from ldm.encoders.text import FrozenTextEncoder
+from ldm.formats.single_file import (
     COMPVIS_UNET_PREFIX,
     COMPVIS_VAE_PREFIX,
     SD2_TEXT_PREFIX,
@@ -18,7 +19,6 @@ from ldm.convert import (
     vae_diffusers_to_compvis,
 )
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.text_encoder import FrozenTextEncoder
 
 PROMPT = "a large red circle in the center on a blue background"
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.text_encoder import FrozenTextEncoder, build_clip_tokenizer, open_clip_to_transformers
+from ldm.encoders.text import FrozenTextEncoder, build_clip_tokenizer, open_clip_to_transformers
 
 START, END = 49406, 49407
 # Prompts whose ids a CLIPTokenizer gets right by itself.
@@ -144,7 +144,7 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_clip_folder, caplog):
     full = open_clip_ids(prompt)
     assert len(full) == 102
     assert encoder.count_tokens([prompt, "a red circle", ""]) == [102, 5, 2]
-    with caplog.at_level(logging.WARNING, logger="ldm.text_encoder"):
+    with caplog.at_level(logging.WARNING, logger="ldm.encoders.text"):
         ids = encoder.tokenize([prompt, "a red circle"])
     assert ids.shape == (2, 77)
     assert ids[0].tolist() == [*full[:76], END]

@@ -1,4 +1,4 @@
-"""ldm.experiments (the numbers of docs/theory.md), its figure scripts, and the page's figures.
+"""ldm.shapes.theory (the numbers of docs/theory.md), its figure scripts, and the page's figures.
 
 On a tiny random pipeline only what holds for any model is asserted: strength 0 is the VAE round
 trip, strength 1 starts from pure noise, results are deterministic under a seed. What a trained
@@ -19,7 +19,9 @@ import torch
 
 from ldm import images as imaging
 from ldm.config import DEFAULT_MODEL
-from ldm.experiments import (
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.pipeline import LatentDiffusionPipeline
+from ldm.shapes.theory import (
     attributes_kept,
     img2img_sweep,
     information_bound_bits,
@@ -29,9 +31,7 @@ from ldm.experiments import (
     start_snr,
     to_array,
 )
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.schedule import NoiseSchedule
-from ldm.shapes import render, sample_specs
+from ldm.shapes.world import render, sample_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "theory.md"

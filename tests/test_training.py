@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from test_data import EXPECTED_SKIPPED, messy  # noqa: F401  (messy is a fixture)
 
 from ldm.config import TrainConfig
-from ldm.losses import diffusion_loss
+from ldm.diffusion.losses import diffusion_loss
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.training import train
+from ldm.training.denoiser import train
 
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0), "yellow": (255, 255, 0)}
 
@@ -273,7 +273,7 @@ def test_resume_from_a_missing_checkpoint_is_an_error(model, tmp_path):
 
 
 def test_latent_and_text_cache_is_built_once_reused_and_invalidated(model, tmp_path, monkeypatch):
-    from ldm.autoencoder import FrozenVAE
+    from ldm.encoders.vae import FrozenVAE
 
     data = colour_dataset(tmp_path / "data")
     with pytest.raises(
@@ -320,7 +320,7 @@ def test_latent_and_text_cache_is_built_once_reused_and_invalidated(model, tmp_p
 
 
 def test_non_finite_losses_are_skipped_and_too_many_stop_the_run(model, tmp_path, monkeypatch):
-    import ldm.training as training
+    import ldm.training.denoiser as training
 
     data = colour_dataset(tmp_path / "data")
     real = training.diffusion_loss

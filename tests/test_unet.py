@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from ldm.config import UNetConfig
-from ldm.layers import Conv2d
-from ldm.unet import UNet, timestep_embedding
+from ldm.nn.layers import Conv2d
+from ldm.nn.unet import UNet, timestep_embedding
 
 
 def diffusers_kwargs(config: UNetConfig) -> dict:

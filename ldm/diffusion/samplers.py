@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ldm.schedule import NoiseSchedule, split_prediction
+from ldm.diffusion.schedule import NoiseSchedule, split_prediction
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 ConditionalModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]

@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.attention import SpatialTransformer
 from ldm.config import UNetConfig
 from ldm.files import follow_umask
-from ldm.layers import Conv2d
+from ldm.nn.attention import SpatialTransformer
+from ldm.nn.layers import Conv2d
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"

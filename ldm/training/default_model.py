@@ -1,4 +1,4 @@
-"""The shipped default model: `ldm.recipe` on the procedural shapes world (``ldm train-default``).
+"""The shipped default model: `ldm.training.recipe` on the procedural shapes world (``ldm train-default``).
 
 `train_default` runs the recipe with ``DATA = "shapes"`` (30,000 training images, 1,000 of held-out
 attribute combinations) and the configs of ``ldm/configs/default_model``: larger stages than the
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from ldm.config import DEFAULT_MODEL
-from ldm.evaluation import evaluate
+from ldm.config import CONFIG_FILES, DEFAULT_MODEL
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.recipe import SHAPES, train_recipe
+from ldm.shapes.detector import evaluate
+from ldm.training.recipe import SHAPES, train_recipe
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "default_model"
+CONFIG_DIR = CONFIG_FILES / "default_model"
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def evaluate_checkpoints(
     """Accuracy against training steps: each kept U-Net checkpoint of a recipe run (its EMA
     weights, as exported) scored on held-out prompts with DDIM 50 steps at guidance 7.5.
     ``every``: take every k-th checkpoint. Returns ``{step: accuracy}``."""
-    from ldm.checkpoint import checkpoints
+    from ldm.training.checkpoint import checkpoints
 
     run = Path(run)
     pipe = LatentDiffusionPipeline.from_pretrained(run / "unet" / "model")

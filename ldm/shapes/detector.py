@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.images import make_grid
-from ldm.shapes import ATTRIBUTES, COLORS, POSITIONS, SIZES, ShapeSpec, sample_specs
+from ldm.shapes.world import ATTRIBUTES, COLORS, POSITIONS, SIZES, ShapeSpec, sample_specs
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""The ``ldm`` command line: `main` parses the arguments (`ldm.cli_parser`), runs the command
-(`ldm.cli_commands`) and turns what goes wrong into an exit status: a user's error is one line
+"""The ``ldm`` command line: `main` parses the arguments (`ldm.cli.parser`), runs the command
+(`ldm.cli.commands`) and turns what goes wrong into an exit status: a user's error is one line
 and exit 2, an interrupted training run exit 130 (SIGINT) or 143 (SIGTERM) after its
 checkpoint, a bug in ldm its traceback and exit 1."""
 
@@ -10,7 +10,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from ldm.cli_parser import build_parser
+from ldm.cli.parser import build_parser
 from ldm.errors import USER_ERRORS, TrainingInterrupted, one_line
 
 __all__ = ["build_parser", "main", "run"]

@@ -1,7 +1,7 @@
 """Training the frozen parts of the default model from scratch: the VAE and the text encoder.
 
 Both are small enough to train on two CPU cores in minutes. Each trainer reads an image folder
-into memory once and hands its objective to the loop of ``ldm train`` (`ldm.loop.fit`):
+into memory once and hands its objective to the loop of ``ldm train`` (`ldm.training.loop.fit`):
 seeded epochs of batches, warm-up and cosine decay, clipping, the NaN guard, the EMA (off
 unless ``ema_decay`` is set), JSONL and TensorBoard logs, atomic rotated checkpoints that
 resume exactly, and a checkpoint on SIGTERM. The result is a diffusers-layout folder:
@@ -34,16 +34,16 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from ldm.config import CLIPTrainConfig, VAETrainConfig
-from ldm.files import follow_umask
-from ldm.images import make_grid, psnr, to_pil
-from ldm.loop import Objective, Part, Step, fit, make_accelerator, prepare_run
-from ldm.text_encoder import (
+from ldm.encoders.text import (
     OPEN_CLIP_PAD_TOKEN,
     build_clip_tokenizer,
     clip_encode,
     load_tokenizer,
     open_clip_to_transformers,
 )
+from ldm.files import follow_umask
+from ldm.images import make_grid, psnr, to_pil
+from ldm.training.loop import Objective, Part, Step, fit, make_accelerator, prepare_run
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def reconstruction_psnr(vae: AutoencoderKL, images: Tensor, batch_size: int = 25
 def train_vae(config: VAETrainConfig, *, resume: str | Path | None = None, **run: bool) -> Path:
     """Train the VAE; write ``output_dir/vae`` and return it. Logs PSNR on ``heldout``;
     validation grids show held-out images above their reconstructions. ``resume`` and ``run``
-    (``overwrite``, ``allow_config_change``) as in `ldm.training.train`."""
+    (``overwrite``, ``allow_config_change``) as in `ldm.training.denoiser.train`."""
     settings, out, accelerator, checkpoint = _start(config, resume, **run)
     images, _ = load_image_folder(config.data)
     heldout = load_image_folder(config.heldout)[0] if config.heldout else None
@@ -184,7 +184,7 @@ def train_vae(config: VAETrainConfig, *, resume: str | Path | None = None, **run
 
 def _start(config: VAETrainConfig | CLIPTrainConfig, resume: str | Path | None, **run: bool):
     """The loop's settings, the run's folder, the accelerator and the checkpoint to resume,
-    checked (`ldm.loop.prepare_run`) before any data is read."""
+    checked (`ldm.training.loop.prepare_run`) before any data is read."""
     settings, out = config.settings(), Path(config.output_dir)
     accelerator = make_accelerator(settings)
     return (
@@ -294,7 +294,7 @@ def save_clip(model: open_clip.CLIP, config: CLIPTrainConfig, folder: Path, **bu
 
 def load_retrieval(folder: str | Path) -> tuple[open_clip.CLIP, CLIPTokenizer]:
     """The CLIP stage's output folder (``open_clip/`` and ``tokenizer/``) as the ``clip`` argument
-    of `ldm.metrics.evaluate_on_data`: the whole CLIP model and its tokenizer."""
+    of `ldm.data.metrics.evaluate_on_data`: the whole CLIP model and its tokenizer."""
     return load_clip(Path(folder) / "open_clip"), load_tokenizer(Path(folder) / "tokenizer")
 
 

@@ -1,16 +1,16 @@
 """The ``ldm`` argument parser: one sub-parser per command, each calling its function in
-`ldm.cli_commands`."""
+`ldm.cli.commands`."""
 
 from __future__ import annotations
 
 import argparse
 
 from ldm import __version__
-from ldm import cli_commands as run
-from ldm.cli_commands import DTYPES
+from ldm.cli import commands as run
+from ldm.cli.commands import DTYPES
 from ldm.config import UNET_PRESETS
-from ldm.sampling import TIMESTEP_SPACINGS
-from ldm.schedule import BETA_SCHEDULES
+from ldm.diffusion.samplers import TIMESTEP_SPACINGS
+from ldm.diffusion.schedule import BETA_SCHEDULES
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser, config_help: str, example: str) -> None:

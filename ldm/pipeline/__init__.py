@@ -5,7 +5,7 @@
     result.images[0].save("circle.png")
 
 A pipeline is four parts: our U-Net, a frozen VAE, a frozen CLIP text encoder and a scheduler
-config. The sampling loops live in `ldm.sampling`; this module prepares their inputs, runs
+config. The sampling loops live in `ldm.diffusion.samplers`; this module prepares their inputs, runs
 them under classifier-free guidance and decodes the result.
 """
 
@@ -24,16 +24,8 @@ from PIL import Image
 from torch import Tensor
 
 from ldm import images as imaging
-from ldm.autoencoder import FrozenVAE
 from ldm.config import DEFAULT_MODEL, SchedulerConfig, UNetConfig
-from ldm.convert import (
-    carried_configs,
-    check_weight_files,
-    load_single_file_components,
-    save_single_file,
-)
-from ldm.files import follow_umask
-from ldm.sampling import (
+from ldm.diffusion.samplers import (
     guided_eps_fn,
     img2img_start,
     invert_ddim,
@@ -41,9 +33,17 @@ from ldm.sampling import (
     sample_ddim,
     sample_ddpm,
 )
-from ldm.schedule import NoiseSchedule
-from ldm.text_encoder import FrozenTextEncoder
-from ldm.unet import UNet
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.encoders.text import FrozenTextEncoder
+from ldm.encoders.vae import FrozenVAE
+from ldm.files import follow_umask
+from ldm.formats.single_file import (
+    carried_configs,
+    check_weight_files,
+    load_single_file_components,
+    save_single_file,
+)
+from ldm.nn.unet import UNet
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class LatentDiffusionPipeline:
         unsafe_pickle: bool = False,
     ) -> LatentDiffusionPipeline:
         """Load an original Stable Diffusion 1.x/2.x checkpoint (``.safetensors`` or ``.ckpt``)
-        with the configs shipped in the package (`ldm.convert.load_single_file_components`).
+        with the configs shipped in the package (`ldm.formats.single_file.load_single_file_components`).
 
         An SD 2 checkpoint's prediction type cannot be read from its weights: 768-v models
         predict ``v_prediction``, 512-base models ``epsilon``. Say which with
@@ -506,7 +506,7 @@ class LatentDiffusionPipeline:
         progress: bool = True,
     ) -> GenerationResult:
         """Image-to-image: noise the image's latents to the step that ``strength`` picks and
-        sample from there (`ldm.sampling.img2img_start`). Strength 0 returns the input (up to the
+        sample from there (`ldm.diffusion.samplers.img2img_start`). Strength 0 returns the input (up to the
         VAE round trip); 1 ignores it. One image per prompt, or one image for all prompts."""
         if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
             raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -556,7 +556,7 @@ class LatentDiffusionPipeline:
     ) -> Tensor:
         """DDIM inversion at guidance 1: the latents x_T (B, C, h, w) that ``__call__`` with
         ``latents=x_T``, ``guidance_scale=1``, ``sampler="ddim"``, ``eta=0`` and the same prompt
-        and steps maps back to (about) the image. See `ldm.sampling.invert_ddim`."""
+        and steps maps back to (about) the image. See `ldm.diffusion.samplers.invert_ddim`."""
         prompts, negatives = self._prompts(prompt, None)
         self._check(num_inference_steps, 1.0, "ddim", 0.0, "latent")
         x0 = self.encode_images(image)

@@ -26,11 +26,11 @@ from PIL import Image
 from torch import Tensor
 
 from ldm import images as imaging
-from ldm.evaluation import detect
+from ldm.diffusion.samplers import img2img_start, make_timesteps
+from ldm.diffusion.schedule import NoiseSchedule
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.sampling import img2img_start, make_timesteps
-from ldm.schedule import NoiseSchedule
-from ldm.shapes import ATTRIBUTES, ShapeSpec, render, sample_specs
+from ldm.shapes.detector import detect
+from ldm.shapes.world import ATTRIBUTES, ShapeSpec, render, sample_specs
 
 STRENGTHS = tuple(k / 10 for k in range(11))  # 0.0, 0.1, ..., 1.0
 SCHEDULES = {  # name: NoiseSchedule arguments, for the schedule comparison
@@ -56,7 +56,7 @@ def psnr(images: np.ndarray, references: np.ndarray) -> np.ndarray:
 
 
 def attributes_kept(specs: Sequence[ShapeSpec], images: Sequence[Image.Image]) -> np.ndarray:
-    """(B,) the share of the five attributes (`ldm.shapes.ATTRIBUTES`) that `detect` reads in
+    """(B,) the share of the five attributes (`ldm.shapes.world.ATTRIBUTES`) that `detect` reads in
     image b as ``specs[b]`` has them: 1.0 when all five are kept."""
     kept = [
         np.mean([getattr(detect(image), a) == getattr(spec, a) for a in ATTRIBUTES])
@@ -73,7 +73,7 @@ def start_snr(
     timestep_spacing: str = "leading",
     steps_offset: int = 1,
 ) -> tuple[int | None, float]:
-    """(t, SNR(t)) where image-to-image at this strength starts (`ldm.sampling.img2img_start`).
+    """(t, SNR(t)) where image-to-image at this strength starts (`ldm.diffusion.samplers.img2img_start`).
 
     t is None at the ends: strength 1 starts from pure noise (SNR 0), strength 0 runs no step
     and returns the input (SNR inf).
@@ -257,7 +257,7 @@ def inversion_roundtrip(
     """Reconstruct the renders of ``specs`` (B images, one batch) by deterministic DDIM (eta 0,
     guidance 1, the empty prompt by default) from two kinds of x_T (B, C, h, w):
 
-    - ``pipe.invert`` (`ldm.sampling.invert_ddim`): the x_T that DDIM maps back to x_0;
+    - ``pipe.invert`` (`ldm.diffusion.samplers.invert_ddim`): the x_T that DDIM maps back to x_0;
     - the forward process, DDPM eq. (4), to the sampler's first timestep with noise drawn from
       ``torch.Generator().manual_seed(s)`` for each s in ``noise_seeds``.
     """
@@ -329,7 +329,7 @@ def run_theory(
     guidance_scale: float = 7.5,
 ) -> TheoryRun:
     """The experiments of docs/theory.md on ``n`` training-distribution shapes renders
-    (`ldm.shapes.sample_specs` with ``seed``): `img2img_sweep` at `STRENGTHS` with the empty
+    (`ldm.shapes.world.sample_specs` with ``seed``): `img2img_sweep` at `STRENGTHS` with the empty
     prompt at guidance 1 and with the captions at ``guidance_scale``, `inversion_roundtrip`,
     the ends of the `SCHEDULES`, and `information_bound_bits` at each strength's start."""
     specs = sample_specs(n, seed=seed)

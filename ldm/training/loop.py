@@ -1,4 +1,4 @@
-"""The one training loop, `fit`: the U-Net (`ldm.training`), the VAE and CLIP (`ldm.pretrain`)
+"""The one training loop, `fit`: the U-Net (`ldm.training.denoiser`), the VAE and CLIP (`ldm.training.pretrain`)
 differ only in the `Objective` they hand it. The only module that imports accelerate.
 
 `fit`, in numbered sections: (1) optimizer and schedule, (2) EMA and what is checkpointed,
@@ -29,7 +29,9 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import (
+from ldm.config import TrainSettings
+from ldm.errors import TrainingInterrupted
+from ldm.training.checkpoint import (
     EMA,
     begin_checkpoint,
     commit_checkpoint,
@@ -38,8 +40,6 @@ from ldm.checkpoint import (
     save_run_config,
     start_run,
 )
-from ldm.config import TrainSettings
-from ldm.errors import TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What ``ldm convert`` does: convert weights between formats, chosen from the paths.
 
-Files are never overwritten. The format maps themselves live in `ldm.convert`.
+Files are never overwritten. The format maps themselves live in `ldm.formats.single_file`.
 """
 
 from __future__ import annotations
@@ -9,16 +9,16 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ldm.convert import (
+from ldm.files import follow_umask
+from ldm.formats.single_file import (
     SD1_TEXT_PREFIX,
     SD2_TEXT_PREFIX,
     load_checkpoint,
     save_unet_single_file,
     unet_from_checkpoint,
 )
-from ldm.files import follow_umask
+from ldm.nn.unet import UNet
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.unet import UNet
 
 
 def convert(

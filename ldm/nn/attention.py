@@ -3,7 +3,7 @@ the transformer block, and the spatial transformer that runs it on feature maps.
 
 Parameter names follow diffusers (``attn1.to_q``, ``ff.net.0.proj``, ``proj_in``...), which kept
 CompVis's names inside the transformer, so weights move between the formats by renaming only
-the blocks around it (``ldm.convert``).
+the blocks around it (``ldm.formats.single_file``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.layers import Conv2d
+from ldm.nn.layers import Conv2d
 
 
 class Attention(nn.Module):

@@ -1,5 +1,5 @@
 """What each ``ldm`` sub-command does: parse-free functions of an `argparse.Namespace` that
-check what the flags say and call one library function (`ldm.cli_parser` wires them to flags)."""
+check what the flags say and call one library function (`ldm.cli.parser` wires them to flags)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import argparse
 import math
 from pathlib import Path
 
-from ldm.checkpoint import check_run
 from ldm.config import TrainConfig, resolve_model
-from ldm.sampling import make_timesteps
-from ldm.schedule import NoiseSchedule
+from ldm.diffusion.samplers import make_timesteps
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.training.checkpoint import check_run
 
 
 def schedule_command(args: argparse.Namespace) -> None:
@@ -56,7 +56,7 @@ DTYPES = {
 
 
 def generate_command(args: argparse.Namespace) -> None:
-    from ldm import generate as g
+    from ldm.pipeline import folder as g
 
     settings = dict(
         negative_prompt=args.negative_prompt,
@@ -111,7 +111,7 @@ def generate_command(args: argparse.Namespace) -> None:
 
 def check_data_command(args: argparse.Namespace) -> None:
     from ldm.data import DataConfig, scan
-    from ldm.text_encoder import build_clip_tokenizer, count_tokens
+    from ldm.encoders.text import build_clip_tokenizer, count_tokens
 
     config = None
     if args.path.endswith((".yaml", ".yml")):  # a training config: check its data section
@@ -127,9 +127,9 @@ def check_data_command(args: argparse.Namespace) -> None:
     if folders is not None and report.samples:
         import torch
 
-        from ldm.autoencoder import FrozenVAE
-        from ldm.model_fit import measure_fit
-        from ldm.text_encoder import load_tokenizer
+        from ldm.data.model_fit import measure_fit
+        from ldm.encoders.text import load_tokenizer
+        from ldm.encoders.vae import FrozenVAE
 
         vae = FrozenVAE.from_pretrained(folders[0])
         vae.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,19 +183,19 @@ def train_command(args: argparse.Namespace) -> None:
 
     config = TrainConfig.from_yaml(args.config, args.set)
     check_run(config.output_dir, args.resume, overwrite=args.overwrite)  # before slow imports
-    from ldm.training import train
+    from ldm.training.denoiser import train
 
     print(train(config, **_run_options(args)))
 
 
 def convert_command(args: argparse.Namespace) -> None:
-    from ldm.conversion import convert
+    from ldm.pipeline.convert import convert
 
     print(convert(args.source, args.target, config=args.config, unsafe_pickle=args.unsafe_pickle))
 
 
 def make_shapes_command(args: argparse.Namespace) -> None:
-    from ldm.shapes import make_shapes
+    from ldm.shapes.world import make_shapes
 
     print(make_shapes(args.n, args.out, seed=args.seed, split=args.split))
 
@@ -205,7 +205,7 @@ def train_vae_command(args: argparse.Namespace) -> None:
 
     config = VAETrainConfig.from_yaml(args.config, args.set)
     check_run(config.output_dir, args.resume, overwrite=args.overwrite)
-    from ldm.pretrain import train_vae
+    from ldm.training.pretrain import train_vae
 
     print(train_vae(config, **_run_options(args)))
 
@@ -215,13 +215,13 @@ def train_clip_command(args: argparse.Namespace) -> None:
 
     config = CLIPTrainConfig.from_yaml(args.config, args.set)
     check_run(config.output_dir, args.resume, overwrite=args.overwrite)
-    from ldm.pretrain import train_clip
+    from ldm.training.pretrain import train_clip
 
     print(train_clip(config, **_run_options(args)))
 
 
 def train_default_command(args: argparse.Namespace) -> None:
-    from ldm.default_model import ship, train_default
+    from ldm.training.default_model import ship, train_default
 
     model = train_default(
         args.out, configs=args.configs, seed=args.seed, n_eval=args.n_eval, overrides=args.set
@@ -230,7 +230,7 @@ def train_default_command(args: argparse.Namespace) -> None:
 
 
 def train_recipe_command(args: argparse.Namespace) -> None:
-    from ldm.recipe import train_recipe
+    from ldm.training.recipe import train_recipe
 
     model = train_recipe(
         args.data,
@@ -247,8 +247,8 @@ def train_recipe_command(args: argparse.Namespace) -> None:
 
 
 def eval_shapes_command(args: argparse.Namespace) -> None:
-    from ldm.evaluation import DEFAULT_SETTINGS, EvalSetting, evaluate, format_table
     from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.shapes.detector import DEFAULT_SETTINGS, EvalSetting, evaluate, format_table
 
     pipe = LatentDiffusionPipeline.from_pretrained(args.model)
     settings = (
@@ -263,9 +263,9 @@ def eval_shapes_command(args: argparse.Namespace) -> None:
 def eval_command(args: argparse.Namespace) -> None:
     from ldm.config import DataConfig
     from ldm.data import HUB_NAME
-    from ldm.metrics import evaluate_on_data, format_results
+    from ldm.data.metrics import evaluate_on_data, format_results
     from ldm.pipeline import LatentDiffusionPipeline
-    from ldm.pretrain import load_retrieval
+    from ldm.training.pretrain import load_retrieval
 
     def data(path: str) -> DataConfig:
         return DataConfig(path, caption_column=args.caption_column, resolution=args.resolution)

@@ -23,12 +23,12 @@ from torch import Tensor
 
 from ldm.config import DataConfig
 from ldm.data import ImageCaptionDataset, Sample
+from ldm.encoders.text import clean_prompt
 from ldm.images import psnr
-from ldm.text_encoder import clean_prompt
 
 if TYPE_CHECKING:
-    from ldm.autoencoder import FrozenVAE
-    from ldm.text_encoder import CLIPTokenizer  # transformers' class, as text_encoder uses it
+    from ldm.encoders.text import CLIPTokenizer  # transformers' class, as text_encoder uses it
+    from ldm.encoders.vae import FrozenVAE
 
 # 20 dB is an RMS error of 0.2 on [-1, 1] (25/255 per channel): visibly blurred. The shipped
 # VAE gives ~35 dB on its shapes and ~17 dB on real icons; SD's VAE gives ~23-27 dB on photos.

@@ -12,7 +12,7 @@ caption) and compared with the dataset's own images, all at the training resolut
   often that is the caption's own image: a memorisation check (0 distance is a copy);
 - ``vae_psnr_db``: the VAE's reconstruction PSNR on held-out images (``heldout``), else on the
   evaluated ones;
-- with ``clip`` (the open_clip model that `ldm.pretrain.train_clip` trains alongside the text
+- with ``clip`` (the open_clip model that `ldm.training.pretrain.train_clip` trains alongside the text
   encoder, and its tokenizer), prompt adherence as retrieval: ``caption_top1``, the share of
   generated images whose own caption the CLIP ranks first among ``distractors + 1`` distinct
   captions; ``caption_top1_dataset`` is the same for the dataset's own images, the CLIP's ceiling.
@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from ldm.config import DataConfig
 from ldm.data import scan
+from ldm.data.model_fit import sample_pixels, vae_psnr, vae_round_trip
+from ldm.encoders.text import clip_encode
 from ldm.images import make_grid, psnr, to_pil, to_unit_range
-from ldm.model_fit import sample_pixels, vae_psnr, vae_round_trip
-from ldm.text_encoder import clip_encode
 
 logger = logging.getLogger(__name__)
 

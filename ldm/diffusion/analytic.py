@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ldm.sampling import ModelFn, TimestepSpacing, sample_ddim, sample_ddpm
-from ldm.schedule import NoiseSchedule
+from ldm.diffusion.samplers import ModelFn, TimestepSpacing, sample_ddim, sample_ddpm
+from ldm.diffusion.schedule import NoiseSchedule
 
 
 def gaussian_model_fn(schedule: NoiseSchedule, mu: float, sigma: float) -> ModelFn:

@@ -13,11 +13,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ldm.config_io import build_config, check_positive, read_yaml
+from ldm.config.io import build_config, check_positive, read_yaml
 
-# The shipped default model (`ldm.default_model`): what `ldm generate` and
+# The shipped default model (`ldm.training.default_model`): what `ldm generate` and
 # `LatentDiffusionPipeline.from_pretrained()` use when no model is named.
-DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CONFIG_FILES = PACKAGE_DIR / "configs"  # the configs the package reads (package data)
+DEFAULT_MODEL = PACKAGE_DIR / "models" / "shapes"
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -249,7 +251,7 @@ class SchedulerConfig:
 
     @property
     def spacing(self) -> dict[str, Any]:
-        """How sampling timesteps are chosen: keyword arguments of `ldm.sampling.make_timesteps`
+        """How sampling timesteps are chosen: keyword arguments of `ldm.diffusion.samplers.make_timesteps`
         and of everything that calls it."""
         return {"timestep_spacing": self.timestep_spacing, "steps_offset": self.steps_offset}
 
@@ -465,7 +467,7 @@ class VAETrainConfig:
         return build_config(cls, read_yaml(path, overrides))
 
     def settings(self) -> TrainSettings:
-        """The loop's settings (`ldm.loop.fit`): AdamW without weight decay."""
+        """The loop's settings (`ldm.training.loop.fit`): AdamW without weight decay."""
         return _loop_settings(self, weight_decay=0.0)
 
     def to_dict(self) -> dict[str, Any]:
@@ -513,7 +515,7 @@ class CLIPTrainConfig:
         return build_config(cls, read_yaml(path, overrides))
 
     def settings(self) -> TrainSettings:
-        """The loop's settings (`ldm.loop.fit`): AdamW with ``weight_decay``."""
+        """The loop's settings (`ldm.training.loop.fit`): AdamW with ``weight_decay``."""
         return _loop_settings(self, weight_decay=self.weight_decay)
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ldm.config import UNetConfig
-from ldm.unet import UNet
+from ldm.nn.unet import UNet
 
 logger = logging.getLogger(__name__)
 
@@ -370,8 +370,8 @@ def load_single_file_components(
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldm.autoencoder import FrozenVAE
-    from ldm.text_encoder import FrozenTextEncoder, build_clip_tokenizer
+    from ldm.encoders.text import FrozenTextEncoder, build_clip_tokenizer
+    from ldm.encoders.vae import FrozenVAE
 
     state = load_checkpoint(path, unsafe_pickle=unsafe_pickle)
     version = sd_version(state)
@@ -436,7 +436,7 @@ def _tokenizer_files(tokenizer) -> dict[str, str]:
 def _tokenizer_from_files(files: dict[str, str]):
     import tempfile
 
-    from ldm.text_encoder import load_tokenizer
+    from ldm.encoders.text import load_tokenizer
 
     with tempfile.TemporaryDirectory() as folder:
         for name, text in files.items():

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm.config import UNetConfig
-from ldm.layers import Conv2d
-from ldm.unet import UNet
+from ldm.nn.layers import Conv2d
+from ldm.nn.unet import UNet
 
 
 @dataclass
@@ -159,7 +159,7 @@ def benchmark_unet(
 def benchmark_conv(
     shapes: list[tuple[int, int, int, int]], *, batch: int = 2, repeats: int = 9
 ) -> list[dict]:
-    """GFLOP/s of torch's convolution and of ours (`ldm.layers.Conv2d`) on the CPU for
+    """GFLOP/s of torch's convolution and of ours (`ldm.nn.layers.Conv2d`) on the CPU for
     (C_in, C_out, size, stride) 3x3 convolutions."""
     rows = []
     with torch.inference_mode():
@@ -316,7 +316,7 @@ def benchmark_train(
     from ldm.config import DataConfig, TrainConfig
     from ldm.data import ImageCaptionDataset, scan
     from ldm.testing import SIZES, save_tiny_stable_diffusion
-    from ldm.training import train
+    from ldm.training.denoiser import train
 
     colours = [
         (255, 0, 0),

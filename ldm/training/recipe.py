@@ -5,13 +5,13 @@ Stages, each skipped when its result exists and resumed from its latest checkpoi
 1. ``data/``: the dataset checked (`ldm.data.scan`) and written as image folders at the
    training resolution, ``data/train`` and ``data/heldout`` (``heldout`` given, or a seeded
    share split off); ``DATA = "shapes"`` generates the procedural shapes world instead;
-2. ``vae/``: the VAE (`ldm.pretrain.train_vae`, ``vae.yaml``);
+2. ``vae/``: the VAE (`ldm.training.pretrain.train_vae`, ``vae.yaml``);
 3. ``clip/``: the tokenizer (CLIP's BPE cut to the captions' words, plus a reserve) and the text
-   encoder (`ldm.pretrain.train_clip`, ``clip.yaml``);
+   encoder (`ldm.training.pretrain.train_clip`, ``clip.yaml``);
 4. ``unet/``: the U-Net with ``ldm train`` (``unet.yaml``, ``unet.json``), which exports the
    whole pipeline to ``unet/model``;
-5. ``eval/``: `ldm.metrics.evaluate_on_data` on training captions (and, for shapes, the
-   rule-based held-out accuracy of `ldm.evaluation`).
+5. ``eval/``: `ldm.data.metrics.evaluate_on_data` on training captions (and, for shapes, the
+   rule-based held-out accuracy of `ldm.shapes.detector`).
 
 The configs are the package's ``ldm/configs/recipe`` (or ``configs``); ``overrides`` are
 ``stage.key=value`` strings (``vae.max_steps=500``, ``unet.train.batch_size=32``).
@@ -31,20 +31,20 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.config import CLIPTrainConfig, DataConfig, TrainConfig, VAETrainConfig
+from ldm.config import CONFIG_FILES, CLIPTrainConfig, DataConfig, TrainConfig, VAETrainConfig
 from ldm.data import ImageCaptionDataset, scan
+from ldm.data.metrics import evaluate_on_data, format_results
 from ldm.errors import TrainingInterrupted
-from ldm.evaluation import evaluate
 from ldm.images import to_pil
-from ldm.metrics import evaluate_on_data, format_results
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.pretrain import load_retrieval, train_clip, train_vae
-from ldm.shapes import make_shapes
-from ldm.training import train
+from ldm.shapes.detector import evaluate
+from ldm.shapes.world import make_shapes
+from ldm.training.denoiser import train
+from ldm.training.pretrain import load_retrieval, train_clip, train_vae
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "recipe"
+CONFIG_DIR = CONFIG_FILES / "recipe"
 SHAPES = "shapes"
 STAGES = ("vae", "clip", "unet")
 

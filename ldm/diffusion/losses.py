@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ldm.schedule import NoiseSchedule
+from ldm.diffusion.schedule import NoiseSchedule
 
 ConditionalModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 

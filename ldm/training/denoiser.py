@@ -3,8 +3,8 @@
     ldm train CONFIG.yaml [--set key=value ...] [--resume latest|PATH]
 
 `train` loads the models and the data (checked once by `ldm.data.scan`, optionally encoded
-once into a cache), and hands `ldm.loop.fit` the U-Net's objective: caption dropout, a
-posterior sample of the VAE, the ε or v loss of `ldm.losses`, and, when asked, the VAE decoder's
+once into a cache), and hands `ldm.training.loop.fit` the U-Net's objective: caption dropout, a
+posterior sample of the VAE, the ε or v loss of `ldm.diffusion.losses`, and, when asked, the VAE decoder's
 reconstruction loss and the text encoder's fine-tuning. Then it exports the EMA weights as a
 pipeline folder.
 """
@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ldm.cache import encode_dataset, fingerprint
 from ldm.config import SchedulerConfig, TrainConfig, TrainSettings, UNetConfig
 from ldm.data import ImageCaptionDataset, scan
+from ldm.diffusion.losses import decoder_loss, diffusion_loss, loss_by_timestep_bucket
 from ldm.images import make_grid
-from ldm.loop import Objective, Part, Step, fit, make_accelerator, prepare_run
-from ldm.losses import decoder_loss, diffusion_loss, loss_by_timestep_bucket
+from ldm.nn.unet import UNet
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.unet import UNet
+from ldm.training.cache import encode_dataset, fingerprint
+from ldm.training.loop import Objective, Part, Step, fit, make_accelerator, prepare_run
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ def _load_models(config: TrainConfig) -> LatentDiffusionPipeline:
     if config.model is not None:
         pipe = LatentDiffusionPipeline.from_pretrained(config.model)
     else:
-        from ldm.autoencoder import FrozenVAE
-        from ldm.text_encoder import FrozenTextEncoder
+        from ldm.encoders.text import FrozenTextEncoder
+        from ldm.encoders.vae import FrozenVAE
 
         unet_config = (
             UNetConfig.from_json(config.unet)
@@ -90,7 +90,7 @@ def train(
     """Run a training job of the U-Net (and the parts ``train.train_vae_decoder`` and
     ``train.train_text_encoder`` name); returns the folder of the exported pipeline. An
     ``output_dir`` that holds a run is refused unless ``resume`` or ``overwrite`` is given
-    (`ldm.checkpoint.start_run`); SIGINT/SIGTERM save, then raise `TrainingInterrupted`."""
+    (`ldm.training.checkpoint.start_run`); SIGINT/SIGTERM save, then raise `TrainingInterrupted`."""
     t = config.train
     if t.cache_latents and (not config.data.center_crop or config.data.random_flip):
         raise ValueError(
