@@ -25,7 +25,7 @@ from ldm.benchmark import (
     environment,
 )
 
-from ldm.config import UNET_PRESETS, UNetConfig, resolve_model
+from ldm.config import UNET_PRESETS, UNetConfig, expand_default_model
 
 CONV_SHAPES = [  # (C_in, C_out, size, stride): the SD 1.5 U-Net's 3x3 convolutions at 32x32 latents
     (320, 320, 32, 1),
@@ -90,7 +90,7 @@ def main() -> None:
             )
         return
     if args.what == "train":
-        model = resolve_model(args.model)
+        model = expand_default_model(args.model)
         r = benchmark_train(steps=args.steps, repeats=args.repeats, size=args.size, model=model)
         print(
             f"{r['model']}, {r['resolution']} px, batch {r['batch']}, CPU; median s/step of {args.repeats} runs"

@@ -185,6 +185,6 @@ def test_convert_round_trips_the_default_model_with_readable_files(tmp_path):
         sx, sy = x.state_dict(), y.state_dict()
         assert sx.keys() == sy.keys()
         assert all(np.array_equal(sx[k].float().numpy(), sy[k].float().numpy()) for k in sx)
-    assert a.scheduler == b.scheduler
+    assert a.scheduler_config == b.scheduler_config
     assert a.vae.vae.config.scaling_factor == b.vae.vae.config.scaling_factor
     assert a.text_encoder.tokenizer.get_vocab() == b.text_encoder.tokenizer.get_vocab()

@@ -13,12 +13,13 @@ PACKAGE = ROOT / "ldm"
 
 # Which parts of ldm each part may import: a part is a subpackage or a top-level module, and
 # imports go downward only (docs/architecture.md draws these layers).
-BASE = {"config", "errors", "files", "images"}
+BASE = {"config", "errors", "files", "images", "seeds"}
 MODELS = BASE | {"diffusion", "nn", "encoders", "formats"}
 ALLOWED_IMPORTS = {
     "errors": set(),
     "files": set(),
     "images": set(),
+    "seeds": set(),
     "config": set(),
     "diffusion": {"config"},
     "nn": {"config", "files"},

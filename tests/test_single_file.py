@@ -61,7 +61,7 @@ def test_sd1_single_file_round_trip(tiny_pipe, tmp_path):
     )
     np.testing.assert_array_equal(generate(loaded), generate(tiny_pipe))
     assert (
-        loaded.scheduler.prediction_type == "epsilon"
+        loaded.scheduler_config.prediction_type == "epsilon"
         and loaded.text_encoder.tokenizer.pad_token == "<|endoftext|>"
     )
     with pytest.raises(ValueError, match="exists; choose a new file name"):
@@ -136,7 +136,7 @@ def test_sd2_single_file_needs_the_prediction_type_and_uses_the_penultimate_bloc
         sd2_file / "sd2.safetensors", "v_prediction", **configs
     )
     assert (
-        loaded.scheduler.prediction_type == "v_prediction"
+        loaded.scheduler_config.prediction_type == "v_prediction"
         and loaded.schedule.prediction_type == "v_prediction"
     )
     reference = FrozenTextEncoder.from_open_clip(

@@ -7,7 +7,7 @@ import argparse
 import math
 from pathlib import Path
 
-from ldm.config import TrainConfig, resolve_model
+from ldm.config import TrainConfig, expand_default_model
 from ldm.diffusion.samplers import make_timesteps
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.training.checkpoint import check_run
@@ -83,7 +83,7 @@ def generate_command(args: argparse.Namespace) -> None:
     request.check()  # every check that needs no model, before anything loads
     budget = g.parse_memory(args.max_memory) if args.max_memory else None
     device = g.check_device(args.device)
-    folder = g.resolve_model(args.model)
+    folder = g.find_model_folder(args.model)
     facts = g.ModelFacts.read(folder)
     import torch
 
@@ -165,7 +165,7 @@ def _fit_folders(model: str | None, config: TrainConfig | None) -> tuple[str, st
         if config.model is not None:
             return config.model, config.model
         return config.vae, config.text_encoder
-    folder = resolve_model(model or "default")
+    folder = expand_default_model(model or "default")
     return folder, folder
 
 
@@ -275,7 +275,7 @@ def eval_command(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{flag} {path}: no such file or folder")
 
     results = evaluate_on_data(
-        LatentDiffusionPipeline.from_pretrained(resolve_model(args.model)),
+        LatentDiffusionPipeline.from_pretrained(expand_default_model(args.model)),
         data(args.data),
         n=args.n,
         heldout=data(args.heldout) if args.heldout else None,

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ldm.diffusion.samplers import ModelFn, TimestepSpacing, sample_ddim, sample_ddpm
+from ldm.config.names import TimestepSpacing
+from ldm.diffusion.samplers import ModelFn, sample_ddim, sample_ddpm
 from ldm.diffusion.schedule import NoiseSchedule
 
 

@@ -16,22 +16,17 @@ map is in docs/sampling.md.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ldm.config.names import TIMESTEP_SPACINGS, VARIANCE_TYPES, TimestepSpacing, VarianceType
 from ldm.diffusion.schedule import NoiseSchedule, split_prediction
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 ConditionalModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-TimestepSpacing = Literal["leading", "trailing", "linspace"]
-VarianceType = Literal["fixed_small", "fixed_large"]
-
-TIMESTEP_SPACINGS: tuple[str, ...] = get_args(TimestepSpacing)
-VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
 
 
 # ----------------------------------------------------------------------------- timesteps
@@ -257,6 +252,10 @@ def sample_ddpm(
         if adds_noise[i]:
             x = x + std[i] * randn_like(x, generator)  # Algorithm 2, line 4
     return x
+
+
+# name -> sampler: the names of `ldm.config.names.SAMPLER_NAMES`, in their order
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddim": sample_ddim, "ddpm": sample_ddpm}
 
 
 # ----------------------------------------------------------------------------- guidance

@@ -17,16 +17,14 @@ float64 master copy `alphas_cumprod64` is what samplers build their coefficients
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-BetaSchedule = Literal["linear", "scaled_linear", "cosine", "squaredcos_cap_v2"]
-PredictionType = Literal["epsilon", "v_prediction"]
+from ldm.config.model import SchedulerConfig
+from ldm.config.names import BETA_SCHEDULES, PREDICTION_TYPES, BetaSchedule, PredictionType
 
-BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
-PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
+SD = SchedulerConfig()  # Stable Diffusion 1.5's schedule: the defaults below
 
 
 def make_betas(
@@ -117,13 +115,13 @@ class NoiseSchedule:
 
     def __init__(
         self,
-        kind: BetaSchedule = "scaled_linear",
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
+        kind: BetaSchedule = SD.beta_schedule,
+        num_train_timesteps: int = SD.num_train_timesteps,
+        beta_start: float = SD.beta_start,
+        beta_end: float = SD.beta_end,
         *,
-        rescale_betas_zero_snr: bool = False,
-        prediction_type: PredictionType = "epsilon",
+        rescale_betas_zero_snr: bool = SD.rescale_betas_zero_snr,
+        prediction_type: PredictionType = SD.prediction_type,
     ) -> None:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(

@@ -82,15 +82,15 @@ class LatentDiffusionPipeline:
         unet: UNet,
         vae: FrozenVAE,
         text_encoder: FrozenTextEncoder,
-        scheduler: SchedulerConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
         *,
         name: str = "model",
     ) -> None:
         self.unet = unet.eval().requires_grad_(False)
         self.vae, self.text_encoder = vae, text_encoder
-        self.scheduler = scheduler or SchedulerConfig()
+        self.scheduler_config = scheduler_config or SchedulerConfig()
         self.name = name
-        s = self.scheduler
+        s = self.scheduler_config
         self.schedule = NoiseSchedule(
             s.beta_schedule,
             s.num_train_timesteps,
@@ -186,7 +186,7 @@ class LatentDiffusionPipeline:
         path = Path(path)
         if path.exists():
             raise ValueError(f"{path} exists; choose a new file name (nothing is overwritten)")
-        save_single_file(self.unet, self.vae, self.text_encoder, path, self.scheduler)
+        save_single_file(self.unet, self.vae, self.text_encoder, path, self.scheduler_config)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a folder that `from_pretrained` and diffusers' `StableDiffusionPipeline` load."""
@@ -197,7 +197,7 @@ class LatentDiffusionPipeline:
         self.text_encoder.save_pretrained(path)
         (path / "scheduler").mkdir(exist_ok=True)
         (path / "scheduler" / "scheduler_config.json").write_text(
-            json.dumps(self.scheduler.to_dict(), indent=2) + "\n"
+            json.dumps(self.scheduler_config.to_dict(), indent=2) + "\n"
         )
         index = {**MODEL_INDEX, "_ldm_name": self.name}  # diffusers ignores "_" keys
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -221,19 +221,19 @@ class LatentDiffusionPipeline:
         return next(self.unet.parameters()).dtype
 
     @property
-    def vae_scale(self) -> int:
+    def downscale_factor(self) -> int:
         return self.vae.downscale_factor
 
     # ------------------------------------------------------------------ checks
 
     def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        default = (self.unet.config.sample_size or 64) * self.vae_scale
+        default = (self.unet.config.sample_size or 64) * self.downscale_factor
         height = default if height is None else height  # 0 is an error, not the default
         width = default if width is None else width
         for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % self.vae_scale:
+            if value <= 0 or value % self.downscale_factor:
                 raise ValueError(
-                    f"{name}={value} must be a positive multiple of {self.vae_scale} (the VAE's downscale factor)"
+                    f"{name}={value} must be a positive multiple of {self.downscale_factor} (the VAE's downscale factor)"
                 )
         return height, width
 
@@ -345,8 +345,8 @@ class LatentDiffusionPipeline:
         shape = (
             len(prompts),
             self.unet.config.in_channels,
-            height // self.vae_scale,
-            width // self.vae_scale,
+            height // self.downscale_factor,
+            width // self.downscale_factor,
         )
         if latents is None:
             x_T = randn_like(torch.empty(shape), generators).to(self.device)  # drawn on the CPU
@@ -390,7 +390,7 @@ class LatentDiffusionPipeline:
             start_step=start_step,
             progress=progress,
         )
-        height, width = (d * self.vae_scale for d in x_start.shape[-2:])
+        height, width = (d * self.downscale_factor for d in x_start.shape[-2:])
         common = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "eta": eta}
         common |= {"width": width, "height": height, "strength": strength, "model": self.name}
         records = [
@@ -422,7 +422,7 @@ class LatentDiffusionPipeline:
         start_step=0,
         progress=True,
     ) -> Tensor:
-        s = self.scheduler
+        s = self.scheduler_config
         model_fn = self._model_fn(prompts, negatives, guidance_scale)
         clip = dict(clip_sample=s.clip_sample, clip_sample_range=s.clip_sample_range)
         if sampler == "ddim":
@@ -521,7 +521,7 @@ class LatentDiffusionPipeline:
             )
         generators, seeds = self._generators(len(prompts), seed, generator)
         noise = randn_like(x0, generators)
-        s = self.scheduler
+        s = self.scheduler_config
         x_start, start = img2img_start(
             self.schedule,
             x0,
@@ -564,7 +564,7 @@ class LatentDiffusionPipeline:
             raise ValueError(
                 f"got {x0.shape[0]} images for {len(prompts)} prompts; give one per prompt"
             )
-        s = self.scheduler
+        s = self.scheduler_config
         return invert_ddim(
             self._model_fn(prompts, negatives, 1.0),
             self.schedule,

@@ -158,7 +158,7 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def resolve_model(model: str | Path | None) -> Path:
+def find_model_folder(model: str | Path | None) -> Path:
     """The model folder to use: ``model``, or the shipped default model."""
     if model is not None:
         path = Path(model)
@@ -370,7 +370,7 @@ def generate_to_folder(
     out = Path(out)
     if request.init_image is not None and request.strength is None:
         request = dataclasses.replace(request, strength=0.8)
-    height, width = size if size is not None else output_size(request, pipe.vae_scale)
+    height, width = size if size is not None else output_size(request, pipe.downscale_factor)
     init, init_record = None, None
     if request.init_image is not None:
         init = imaging.from_pil(request.init_image, (width, height))  # (1, 3, H, W), resized

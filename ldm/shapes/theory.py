@@ -179,7 +179,7 @@ def img2img_sweep(
     others = [*specs[1:], specs[0]]  # each image scored against its neighbour's attributes
     starts, snrs, scores, kept, chance, outputs = [], [], [], [], [], []
     for strength in strengths:
-        t, snr = start_snr(pipe.schedule, num_steps, strength, **pipe.scheduler.spacing)
+        t, snr = start_snr(pipe.schedule, num_steps, strength, **pipe.scheduler_config.spacing)
         result = pipe.img2img(
             prompts,
             inputs,
@@ -265,9 +265,9 @@ def inversion_roundtrip(
     reference = to_array(inputs)  # (B, H, W, 3)
     prompts = [prompt] * len(specs)
     x0 = pipe.encode_images(inputs)  # (B, C, h, w)
-    height, width = (d * pipe.vae_scale for d in x0.shape[-2:])
+    height, width = (d * pipe.downscale_factor for d in x0.shape[-2:])
     timesteps = make_timesteps(
-        num_steps, pipe.schedule.num_train_timesteps, **pipe.scheduler.spacing
+        num_steps, pipe.schedule.num_train_timesteps, **pipe.scheduler_config.spacing
     )
     first = timesteps[0]
     starts = {}
@@ -341,8 +341,8 @@ def run_theory(
     image = render(specs[0])
     latent_shape = [  # [C, h, w], as the VAE encodes the image
         pipe.unet.config.in_channels,
-        image.height // pipe.vae_scale,
-        image.width // pipe.vae_scale,
+        image.height // pipe.downscale_factor,
+        image.width // pipe.downscale_factor,
     ]
     dims = math.prod(latent_shape)
     bits = [information_bound_bits(snr, dims, inversion.latent_power) for snr in uncond.snr]

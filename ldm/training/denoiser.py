@@ -49,10 +49,10 @@ def _load_models(config: TrainConfig) -> LatentDiffusionPipeline:
         )
     if (
         config.train.prediction_type is not None
-        and config.train.prediction_type != pipe.scheduler.prediction_type
+        and config.train.prediction_type != pipe.scheduler_config.prediction_type
     ):
         scheduler = SchedulerConfig(
-            **{**pipe.scheduler.__dict__, "prediction_type": config.train.prediction_type}
+            **{**pipe.scheduler_config.__dict__, "prediction_type": config.train.prediction_type}
         )
         pipe = LatentDiffusionPipeline(
             pipe.unet, pipe.vae, pipe.text_encoder, scheduler, name=pipe.name
@@ -196,7 +196,7 @@ def train(
     final = out / "model"
     if main:
         LatentDiffusionPipeline(
-            unet.eval(), pipe.vae, pipe.text_encoder, pipe.scheduler, name=out.name
+            unet.eval(), pipe.vae, pipe.text_encoder, pipe.scheduler_config, name=out.name
         ).save_pretrained(final)
     return final
 
@@ -215,7 +215,7 @@ def _validate(
     unet.eval()
     try:
         viewer = LatentDiffusionPipeline(
-            unet, pipe.vae, pipe.text_encoder, pipe.scheduler, name=pipe.name
+            unet, pipe.vae, pipe.text_encoder, pipe.scheduler_config, name=pipe.name
         )
         images = []
         for prompt in v.prompts:
