@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from ldm.config import SchedulerConfig, UNetConfig
-from ldm.encoders.text import build_clip_tokenizer
+from ldm.encoders.tokenizer import build_clip_tokenizer
 
 # "tiny" for tests. "small" has the sizes NOTES.md measured for a default-model-sized model:
 # U-Net channels (32, 64, 128), 4.6M parameters; VAE (16, 32, 64, 64), 1M; 64 px -> 8x8 latents.
@@ -77,7 +77,7 @@ def tiny_stable_diffusion(seed: int = 0, *, perturb: float = 0.0, size: str = "t
         intermediate_size=spec["text_width"] + 5,
         num_attention_heads=4,
         num_hidden_layers=spec["text_layers"],
-        max_position_embeddings=77,
+        max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

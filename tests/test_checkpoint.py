@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -70,6 +72,40 @@ def test_ema_of_a_checkpoint_from_before_the_warm_up_keeps_its_fixed_decay():
     ema = EMA([torch.nn.Parameter(torch.zeros(3))], decay=0.5)
     ema.load_state_dict(state)
     assert ema.decay_at(ema.num_updates + 1) == 0.99
+
+
+def test_ema_saves_to_safetensors_by_parameter_name_and_loads_back_exactly(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    ema = EMA(params, decay=0.9, power=0.75, inv_gamma=2.0)
+    for _ in range(7):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape))
+        ema.update(params)
+    names = ["conv.weight", "conv.bias"]
+    ema.save(tmp_path / "ema.safetensors", names)
+    tensors = load_file(tmp_path / "ema.safetensors")  # plain safetensors, no pickle
+    assert sorted(tensors) == sorted(names)
+    assert torch.equal(tensors["conv.weight"], ema.shadow[0])
+    with safe_open(str(tmp_path / "ema.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["ldm.ema"]) == {
+            "decay": 0.9,
+            "power": 0.75,
+            "inv_gamma": 2.0,
+            "num_updates": 7,
+        }
+    restored = EMA([torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4))], 0.5)
+    restored.load(tmp_path / "ema.safetensors", names)
+    assert (restored.decay, restored.power, restored.inv_gamma) == (0.9, 0.75, 2.0)
+    assert restored.num_updates == 7
+    assert all(torch.equal(a, b) for a, b in zip(restored.shadow, ema.shadow, strict=True))
+    with pytest.raises(ValueError, match=r"lacks \['conv.kernel'\] and holds \['conv.weight'\]"):
+        restored.load(tmp_path / "ema.safetensors", ["conv.kernel", "conv.bias"])
+    with pytest.raises(ValueError, match="distinct names"):
+        ema.save(tmp_path / "twice.safetensors", ["a", "a"])
 
 
 def write_files(n_files=3):

@@ -253,12 +253,12 @@ def test_an_internal_error_prints_its_traceback_and_asks_for_a_report(
     tmp_path, monkeypatch, capsys
 ):
     from ldm import cli
-    from ldm.cli import commands as cli_commands
+    from ldm.cli import generate as cli_generate
 
     def broken(args):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(cli_commands, "schedule_command", broken)
+    monkeypatch.setattr(cli_generate, "schedule_command", broken)
     assert cli.main(["schedule"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'a bug'" in err

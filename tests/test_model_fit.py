@@ -22,7 +22,7 @@ from ldm.data.model_fit import (
     unknown_words,
     vae_psnr,
 )
-from ldm.encoders.text import build_clip_tokenizer, load_tokenizer
+from ldm.encoders.tokenizer import build_clip_tokenizer, load_tokenizer
 from ldm.encoders.vae import FrozenVAE
 from ldm.images import psnr
 

@@ -40,7 +40,7 @@ EXTRA_PACKAGES = {
     "nn": {"safetensors"},
     "encoders": {"diffusers", "transformers", "open_clip", "safetensors"},
     "formats": {"safetensors", "diffusers", "transformers"},
-    "data": {"PIL", "datasets"},
+    "data": {"PIL", "datasets", "transformers"},  # transformers: a type hint only
     "pipeline": {"PIL", "safetensors"},
     "shapes": {"PIL"},
     "testing": {"diffusers", "transformers", "yaml"},
@@ -138,6 +138,39 @@ def test_import_ldm_loads_no_heavy_dependency():
         assert f"'{heavy}'" not in loaded, heavy
 
 
+def test_the_public_api_is_at_the_top_level():
+    code = (
+        "import sys, ldm\n"
+        "from ldm import DEFAULT_MODEL, GENERATION, SAMPLERS, NoiseSchedule, TrainConfig, UNet\n"
+        "from ldm import gaussian_model_fn, guided_eps_fn\n"
+        "assert set(SAMPLERS) == {'ddim', 'ddpm'} and DEFAULT_MODEL.is_dir()\n"
+        "assert NoiseSchedule().num_train_timesteps == 1000 and GENERATION.sampler in SAMPLERS\n"
+        "assert 'accelerate' not in sys.modules and 'diffusers' not in sys.modules\n"
+        "from ldm import LatentDiffusionPipeline, train\n"
+        "import ldm.pipeline, ldm.training.denoiser\n"
+        "assert LatentDiffusionPipeline is ldm.pipeline.LatentDiffusionPipeline\n"
+        "assert train is ldm.training.denoiser.train\n"
+        "print(sorted(ldm.__all__))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for name in (
+        "LatentDiffusionPipeline",
+        "UNet",
+        "NoiseSchedule",
+        "gaussian_model_fn",
+        "SAMPLERS",
+        "TrainConfig",
+        "train",
+        "DEFAULT_MODEL",
+    ):
+        assert f"'{name}'" in out.stdout, name
+    import ldm
+
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        ldm.nonexistent  # noqa: B018
+
+
 def test_the_unet_needs_only_torch_safetensors_and_json():
     code = "import sys, ldm.nn.unet; print(sorted(sys.modules))"
     loaded = subprocess.run(
@@ -153,6 +186,64 @@ def test_the_unet_needs_only_torch_safetensors_and_json():
         "ldm.formats",
     ):
         assert f"'{module}'" not in loaded, module
+
+
+# Values that have one home: a number here may appear in no other module of ldm.
+HOMES = {
+    7.5: "config/generation.py",  # guidance scale
+    0.8: "config/generation.py",  # img2img strength
+    0.00085: "config/model.py",  # Stable Diffusion's betas
+    0.012: "config/model.py",
+    77: "encoders/tokenizer.py",  # CLIP's token length
+    7919: "seeds.py",  # seed mixing: derive_seed alone
+    100_003: "seeds.py",
+    1_000_003: "seeds.py",
+}
+# Names that have one home, config/names.py: no other module lists two or more of them (as
+# choices, or in an error message's "allowed" list); they import the tuple instead.
+NAMES = {
+    "ddim",
+    "ddpm",
+    "epsilon",
+    "v_prediction",
+    "fixed_small",
+    "fixed_large",
+    "leading",
+    "trailing",
+    "linspace",
+    "linear",
+    "scaled_linear",
+    "cosine",
+    "pil",
+    "np",
+    "pt",
+    "latent",
+}
+
+
+def test_defaults_and_names_are_written_in_one_place():
+    found = []
+    for path in MODULES:
+        where = str(path.relative_to(PACKAGE))
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Tuple | ast.List | ast.Set) and where != "config/names.py":
+                names = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+                if len(names) >= 2 and len(names) == len(node.elts) and set(names) <= NAMES:
+                    found.append(f"ldm/{where}:{node.lineno} {names} (import config/names.py's)")
+            if not isinstance(node, ast.Constant) or id(node) in docstrings:
+                continue
+            value = node.value
+            if type(value) in (int, float) and value in HOMES and HOMES[value] != where:
+                found.append(f"ldm/{where}:{node.lineno} {value!r} (its home: {HOMES[value]})")
+    assert not found, "\n".join(found)
 
 
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80

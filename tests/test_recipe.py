@@ -10,7 +10,7 @@ from PIL import Image
 
 from ldm.config import CLIPTrainConfig
 from ldm.data.metrics import caption_retrieval
-from ldm.encoders.text import build_clip_tokenizer, count_tokens, load_tokenizer
+from ldm.encoders.tokenizer import build_clip_tokenizer, count_tokens, load_tokenizer
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.testing import write_recipe_configs
 from ldm.training.pretrain import build_clip, load_clip, save_clip

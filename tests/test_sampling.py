@@ -511,3 +511,11 @@ def test_per_sample_generators_make_each_sample_reproducible_alone():
     torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="got 2 generators for a batch of 3"):
         sample_ddim(fn, schedule, x_T, 5, eta=1.0, generator=[torch.Generator(), torch.Generator()])
+
+
+def test_samplers_table_holds_every_sampler_name_once():
+    from ldm.config.names import SAMPLER_NAMES
+    from ldm.diffusion.samplers import SAMPLERS, sample_ddim, sample_ddpm
+
+    assert tuple(SAMPLERS) == SAMPLER_NAMES
+    assert SAMPLERS["ddim"] is sample_ddim and SAMPLERS["ddpm"] is sample_ddpm

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.encoders.text import FrozenTextEncoder, build_clip_tokenizer, open_clip_to_transformers
+from ldm.encoders.text import FrozenTextEncoder, open_clip_to_transformers
+from ldm.encoders.tokenizer import build_clip_tokenizer
 
 START, END = 49406, 49407
 # Prompts whose ids a CLIPTokenizer gets right by itself.

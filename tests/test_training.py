@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,6 +200,39 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(model, tmp_path):
     assert [r["step"] for r in records] == list(range(1, 25))  # the replayed steps appear once
     elapsed = [r["elapsed_s"] for r in records]
     assert elapsed == sorted(elapsed)  # the resumed run's clock goes on from its checkpoint
+
+
+def test_checkpoints_hold_the_ema_by_parameter_name_and_resume_restores_it_exactly(model, tmp_path):
+    from safetensors import safe_open
+
+    data = colour_dataset(tmp_path / "data")
+    train(config(model, data, tmp_path / "run", max_steps=4))
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    assert (checkpoint / "ema.safetensors").is_file()
+    assert not list(checkpoint.glob("custom_checkpoint_*.pkl"))  # no pickled EMA or LR schedule
+    ema = load_file(checkpoint / "ema.safetensors")
+    unet = LatentDiffusionPipeline.from_pretrained(model).unet
+    assert sorted(ema) == sorted(name for name, _ in unet.named_parameters())
+    with safe_open(str(checkpoint / "ema.safetensors"), framework="pt") as f:
+        settings = json.loads(f.metadata()["ldm.ema"])
+    assert settings["num_updates"] == 4 and settings["decay"] == 0.9
+    raw = load_file(checkpoint / "model.safetensors")
+    assert any(not torch.equal(ema[name], raw[name]) for name in ema)  # the EMA, not the weights
+    # resumed at its last step, the run trains no further and exports the EMA it read, exactly
+    train(config(model, data, tmp_path / "run", max_steps=4), resume="latest")
+    exported = LatentDiffusionPipeline.from_pretrained(tmp_path / "run" / "model").unet
+    for name, p in exported.named_parameters():
+        assert torch.equal(p, ema[name]), name
+    # resumed from step 2 in another folder: step 4's EMA as in the run that went straight on
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "run" / "checkpoints" / "checkpoint-2",
+        tmp_path / "resumed" / "checkpoints" / "checkpoint-2",
+    )
+    train(config(model, data, tmp_path / "resumed", max_steps=4), resume="latest")
+    again = load_file(tmp_path / "resumed" / "checkpoints" / "checkpoint-4" / "ema.safetensors")
+    assert again.keys() == ema.keys()
+    assert max((again[k] - ema[k]).abs().max().item() for k in ema) <= 1e-6
 
 
 def file_digests(folder):

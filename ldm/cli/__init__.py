@@ -1,5 +1,6 @@
 """The ``ldm`` command line: `main` parses the arguments (`ldm.cli.parser`), runs the command
-(`ldm.cli.commands`) and turns what goes wrong into an exit status: a user's error is one line
+(a ``*_command`` of its family: `ldm.cli.generate`, `ldm.cli.train`, `ldm.cli.data`,
+`ldm.cli.evaluate`) and turns what goes wrong into an exit status: a user's error is one line
 and exit 2, an interrupted training run exit 130 (SIGINT) or 143 (SIGTERM) after its
 checkpoint, a bug in ldm its traceback and exit 1."""
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ldm.config import DataConfig
+from ldm.config import GENERATION, DataConfig
 from ldm.data import scan
 from ldm.data.model_fit import sample_pixels, vae_psnr, vae_round_trip
 from ldm.encoders.text import clip_encode
@@ -66,7 +66,7 @@ def evaluate_on_data(
     n: int = 100,
     heldout: DataConfig | None = None,
     num_inference_steps: int = 30,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = GENERATION.guidance_scale,
     seed: int = 0,
     distractors: int = 19,
     batch_size: int = 16,
@@ -82,27 +82,65 @@ def evaluate_on_data(
             f"{data.path} has {len(reference)} images; the distractor test needs more than "
             f"distractors={distractors}"
         )
-    chosen = torch.randperm(len(reference), generator=torch.Generator().manual_seed(seed))
-    chosen = chosen[: min(n, len(reference))].sort().values  # (N,)
+    chosen = _choose(len(reference), n, seed)  # (N,)
     own = reference[chosen]
     captions = [reference_captions[i] for i in chosen.tolist()]
+    settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    generated = _generate(pipe, captions, data.resolution, seed, batch_size, **settings)
+    distance = _distance_figures(generated, reference, chosen, distractors, seed)
+    vae = _vae_figures(pipe.vae, own, heldout)
+    results = {
+        "model": pipe.name,
+        "data": str(data.path),
+        "n": len(chosen),
+        "resolution": data.resolution,
+        **settings,
+        "seed": seed,
+        "own_rms": distance.pop("own_rms"),
+        "vae_rms": vae.pop("vae_rms"),
+        **distance,
+        **vae,
+    }
+    if clip is not None:
+        pool = sorted(set(reference_captions))
+        results |= _retrieval_figures(clip, generated, own, captions, pool, distractors, seed)
+    if out_dir is not None:
+        _save(out_dir, results, own, generated)
+    return results
 
+
+def _choose(m: int, n: int, seed: int) -> Tensor:
+    """The sorted indices (N,) of the ``min(n, m)`` dataset images evaluated, a seeded draw."""
+    chosen = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
+    return chosen[: min(n, m)].sort().values
+
+
+def _generate(
+    pipe, captions: list[str], resolution: int, seed: int, batch_size: int, **settings
+) -> Tensor:
+    """One image per caption, every one with seed ``seed``: (N, 3, R, R) in [-1, 1]."""
     generated = []
     for i in tqdm(range(0, len(captions), batch_size), desc="generating", unit="batch"):
         prompts = captions[i : i + batch_size]
         result = pipe(
             prompts,
-            height=data.resolution,
-            width=data.resolution,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+            height=resolution,
+            width=resolution,
             seed=[seed] * len(prompts),
             output_type="pt",
             progress=False,
+            **settings,
         )
         generated.append(result.images.float().cpu() * 2 - 1)  # [0, 1] -> [-1, 1]
-    generated = torch.cat(generated)  # (N, 3, R, R)
+    return torch.cat(generated)
 
+
+def _distance_figures(
+    generated: Tensor, reference: Tensor, chosen: Tensor, distractors: int, seed: int
+) -> dict[str, Any]:
+    """``own_rms``, ``nearer_than_distractors`` (its ``chance``), ``nearest_rms`` and
+    ``nearest_is_own`` of ``generated`` (N, ...) against the dataset ``reference`` (M, ...),
+    whose images at ``chosen`` (N,) are the captions' own."""
     distances = rms_distances(generated, reference)  # (N, M)
     own_d = distances[torch.arange(len(chosen)), chosen]  # (N,)
     # distractors: other dataset images, a seeded draw per generated image
@@ -113,38 +151,47 @@ def evaluate_on_data(
         others = others + (others >= i).long()  # skip the own image
         wins.append(bool(own_d[row] < distances[row, others].min()))
     nearest_d, nearest_i = distances.min(dim=1)
-
-    own_round_trip = vae_round_trip(pipe.vae, own)  # (N, 3, R, R)
-    if heldout is not None:
-        vae_psnr_db = vae_psnr(pipe.vae, load_pixels(heldout)[0])
-    else:  # the round trip already made
-        vae_psnr_db = psnr(own_round_trip, own.float()).mean().item()
-    results = {
-        "model": pipe.name,
-        "data": str(data.path),
-        "n": len(chosen),
-        "resolution": data.resolution,
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
-        "seed": seed,
+    return {
         "own_rms": own_d.mean().item(),
-        "vae_rms": rms_distances(own_round_trip, own).diagonal().mean().item(),
         "distractors": distractors,
         "nearer_than_distractors": sum(wins) / len(wins),
         "chance": 1 / (distractors + 1),
         "nearest_rms": nearest_d.mean().item(),
         "nearest_is_own": (nearest_i == chosen).float().mean().item(),
+    }
+
+
+def _vae_figures(vae, own: Tensor, heldout: DataConfig | None) -> dict[str, Any]:
+    """``vae_rms`` on the evaluated images ``own``, and ``vae_psnr_db`` on ``heldout`` (else on
+    ``own``)."""
+    own_round_trip = vae_round_trip(vae, own)  # (N, 3, R, R)
+    if heldout is not None:
+        vae_psnr_db = vae_psnr(vae, load_pixels(heldout)[0])
+    else:  # the round trip already made
+        vae_psnr_db = psnr(own_round_trip, own.float()).mean().item()
+    return {
+        "vae_rms": rms_distances(own_round_trip, own).diagonal().mean().item(),
         "vae_psnr_db": vae_psnr_db,
         "vae_psnr_on": "heldout" if heldout is not None else "evaluated images",
     }
-    if clip is not None:
-        pool = sorted(set(reference_captions))
-        k = min(distractors + 1, len(pool))
-        for key, images in (("caption_top1", generated), ("caption_top1_dataset", own)):
-            results[key] = caption_retrieval(*clip, images, captions, pool, candidates=k, seed=seed)
-        results["caption_candidates"] = k
-    if out_dir is not None:
-        _save(out_dir, results, own, generated)
+
+
+def _retrieval_figures(
+    clip: tuple[Any, Any],
+    generated: Tensor,
+    own: Tensor,
+    captions: list[str],
+    pool: list[str],
+    distractors: int,
+    seed: int,
+) -> dict[str, Any]:
+    """``caption_top1`` of the generated images, ``caption_top1_dataset`` of the captions' own
+    images, and ``caption_candidates``: `caption_retrieval` among up to ``distractors + 1``."""
+    k = min(distractors + 1, len(pool))
+    results: dict[str, Any] = {}
+    for key, images in (("caption_top1", generated), ("caption_top1_dataset", own)):
+        results[key] = caption_retrieval(*clip, images, captions, pool, candidates=k, seed=seed)
+    results["caption_candidates"] = k
     return results
 
 

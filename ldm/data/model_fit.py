@@ -23,11 +23,12 @@ from torch import Tensor
 
 from ldm.config import DataConfig
 from ldm.data import ImageCaptionDataset, Sample
-from ldm.encoders.text import clean_prompt
+from ldm.encoders.tokenizer import clean_prompt
 from ldm.images import psnr
 
 if TYPE_CHECKING:
-    from ldm.encoders.text import CLIPTokenizer  # transformers' class, as text_encoder uses it
+    from transformers import CLIPTokenizer
+
     from ldm.encoders.vae import FrozenVAE
 
 # 20 dB is an RMS error of 0.2 on [-1, 1] (25/255 per channel): visibly blurred. The shipped

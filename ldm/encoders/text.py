@@ -10,131 +10,33 @@ Two kinds of model sit behind one interface:
 
 Both tokenize with a transformers `CLIPTokenizer` holding the real CLIP vocabulary, after the
 text cleaning CLIP was trained with (ftfy, HTML unescaping, whitespace, lower case), so the ids
-equal open_clip's. Prompts are padded to ``max_length`` (77) with the pad token the model was
+equal open_clip's. Prompts are padded to ``max_length`` (the tokenizer's, 77 for CLIP) with the pad token the model was
 trained with: ``<|endoftext|>`` (49407) for OpenAI CLIP, ``!`` (0) for OpenCLIP.
 """
 
 from __future__ import annotations
 
-import gzip
-import itertools
-import json
 import logging
-import re
-import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 import open_clip
 import torch
-from open_clip.tokenizer import basic_clean, bytes_to_unicode, default_bpe, whitespace_clean
 from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.encoders.tokenizer import (
+    OPEN_CLIP_PAD_TOKEN,
+    build_clip_tokenizer,
+    clip_encode,
+    count_tokens,
+    load_tokenizer,
+)
+
 logger = logging.getLogger(__name__)
 
-START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
 KINDS = ("transformers", "open_clip")
-OPEN_CLIP_PAD_TOKEN = "!"  # id 0: open_clip pads with zeros
-
-
-def build_clip_tokenizer(
-    save_dir: str | Path | None = None,
-    *,
-    pad_token: str = END_TOKEN,
-    model_max_length: int = 77,
-    words: Iterable[str] | None = None,
-    reserve: int = 0,
-) -> CLIPTokenizer:
-    """A `CLIPTokenizer` with the real CLIP vocabulary (49408 tokens), built offline from the BPE
-    merges that open_clip ships, as open_clip's `SimpleTokenizer` builds its own.
-
-    ``pad_token`` ``"<|endoftext|>"`` is SD 1.x's (OpenAI CLIP); ``"!"`` is SD 2's (OpenCLIP,
-    pad id 0). With ``save_dir`` the files (vocab.json, merges.txt, tokenizer.json,
-    tokenizer_config.json) are written there, so `CLIPTokenizer.from_pretrained(save_dir)` loads it.
-
-    With ``words``, only the merges that CLIP's BPE applies to those words are kept (in CLIP's
-    order): each of them still becomes the same single tokens as in full CLIP, any other text
-    falls back to smaller pieces, and the vocabulary shrinks to a few hundred tokens, so a small
-    model's token embedding stays small. ``reserve`` keeps CLIP's first ``reserve`` merges as well
-    (its most frequent pieces of English), so that words the captions never used still break into
-    common pieces rather than single characters.
-    """
-    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]  # 48894 merges: 49408 tokens
-    if words is not None:
-        merges = _merges_for(merges, words, reserve)
-    alphabet = list(bytes_to_unicode().values())  # the 256 byte-level characters
-    vocab = [*alphabet, *(c + "</w>" for c in alphabet)]
-    vocab += ["".join(merge.split()) for merge in merges] + [START_TOKEN, END_TOKEN]
-    if pad_token not in vocab:
-        raise ValueError(
-            f"pad_token {pad_token!r} is not in the CLIP vocabulary; use {END_TOKEN!r} or '!'"
-        )
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(save_dir) if save_dir is not None else Path(scratch)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tokenizer = CLIPTokenizer.from_pretrained(
-            folder, pad_token=pad_token, model_max_length=model_max_length, local_files_only=True
-        )
-        if save_dir is not None:
-            tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
-def _merges_for(merges: list[str], words: Iterable[str], reserve: int = 0) -> list[str]:
-    """The merges CLIP's BPE applies to ``words`` (ASCII, cleaned), and the first ``reserve``
-    merges, in their original order. Either set is closed (a merge's parts are made by merges of
-    lower rank, which BPE applied first), so their union is a valid BPE vocabulary."""
-    rank = {tuple(m.split()): i for i, m in enumerate(merges)}
-    used: set[int] = set(range(min(reserve, len(merges))))
-    for text in words:
-        for word in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", clean_prompt(text)):
-            symbols = [*word[:-1], word[-1] + "</w>"]
-            while len(symbols) > 1:
-                pairs = [
-                    (rank.get(p, len(rank)), i) for i, p in enumerate(itertools.pairwise(symbols))
-                ]
-                best, i = min(pairs)
-                if best == len(rank):
-                    break
-                used.add(best)
-                symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
-    return [merges[i] for i in sorted(used)]
-
-
-def clean_prompt(prompt: str) -> str:
-    """The cleaning CLIP's own tokenizers apply: ftfy, HTML unescaping, whitespace, lower case."""
-    return whitespace_clean(basic_clean(prompt)).lower()
-
-
-def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    """The `CLIPTokenizer` of a diffusers pipeline folder (``folder/tokenizer/``), or of a
-    tokenizer folder itself."""
-    folder = Path(folder)
-    if (folder / "tokenizer").is_dir():
-        folder = folder / "tokenizer"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no tokenizer folder at {folder}; pass a pipeline folder")
-    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-def clip_encode(tokenizer: CLIPTokenizer, prompts: list[str], **kwargs) -> dict:
-    """Tokenize cleaned prompts as CLIP was trained. ``split_special_tokens``: "!!!" stays one
-    token when "!" is the pad token, as in open_clip."""
-    return tokenizer(
-        [clean_prompt(p) for p in prompts], split_special_tokens=True, verbose=False, **kwargs
-    )
-
-
-def count_tokens(tokenizer: CLIPTokenizer, prompts: list[str] | str) -> list[int]:
-    """Tokens per prompt, start and end tokens included, before truncation."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    return [len(ids) for ids in clip_encode(tokenizer, prompts)["input_ids"]]
 
 
 class FrozenTextEncoder(nn.Module):

@@ -18,7 +18,7 @@ from ldm.formats.single_file import (
     unet_from_checkpoint,
 )
 from ldm.nn.unet import UNet
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.pipeline.latent_diffusion import LatentDiffusionPipeline
 
 
 def convert(

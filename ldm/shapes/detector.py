@@ -26,7 +26,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ldm.config import GENERATION
+from ldm.config.names import SAMPLER_NAMES
 from ldm.images import make_grid
+from ldm.seeds import derive_seed
 from ldm.shapes.world import ATTRIBUTES, COLORS, POSITIONS, SIZES, ShapeSpec, sample_specs
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ _PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (8, 3)
 _NAMES = list(COLORS)
 _FILL_SQUARE, _FILL_CIRCLE = 0.89, 0.64  # fill >= 0.89: square; >= 0.64: circle; else triangle
 _SIZE_SPLIT = (SIZES["small"] + SIZES["large"]) / 2
+SEED_STREAM = "eval-shapes"  # `ldm.seeds.derive_seed`'s stream of the evaluation's images
 
 
 @dataclass(frozen=True)
@@ -172,25 +176,32 @@ def score_images(specs: Sequence[ShapeSpec], images: Sequence[Image.Image]) -> S
 
 @dataclass(frozen=True)
 class EvalSetting:
-    """One row of the evaluation table: a sampler, its steps and the guidance scale."""
+    """One row of the evaluation table: a sampler, its steps and the guidance scale; by
+    default `ldm.config.GENERATION`'s."""
 
-    sampler: str = "ddim"
-    num_steps: int = 50
-    guidance_scale: float = 7.5
+    sampler: str = GENERATION.sampler
+    num_steps: int = GENERATION.num_inference_steps
+    guidance_scale: float = GENERATION.guidance_scale
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLER_NAMES:
+            raise ValueError(
+                f"sampler {self.sampler!r} is not allowed; use one of: {', '.join(SAMPLER_NAMES)}"
+            )
 
     @property
     def name(self) -> str:
         return f"{self.sampler} {self.num_steps} steps, guidance {self.guidance_scale:g}"
 
 
-DEFAULT_SETTINGS = (
-    EvalSetting("ddim", 50, 7.5),
+DEFAULT_SETTINGS = (  # the first row is the default setting: `ldm.config.GENERATION`'s
+    EvalSetting(),
     EvalSetting("ddim", 50, 1.0),
     EvalSetting("ddim", 50, 3.0),
-    EvalSetting("ddim", 10, 7.5),
-    EvalSetting("ddim", 20, 7.5),
-    EvalSetting("ddim", 100, 7.5),
-    EvalSetting("ddpm", 1000, 7.5),
+    EvalSetting("ddim", 10),
+    EvalSetting("ddim", 20),
+    EvalSetting("ddim", 100),
+    EvalSetting("ddpm", 1000),
 )
 
 
@@ -204,21 +215,23 @@ def evaluate(
     out_dir: str | Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """Generate ``n`` images of held-out combinations (canonical captions) per setting, read
-    them with `detect`, and return ``{setting name: accuracy}``. With ``out_dir``, the first 64
-    images of each setting are saved there as a grid, and the results as ``results.json``."""
+    them with `detect`, and return ``{setting name: accuracy}``. Image k has the seed
+    ``derive_seed(seed, SEED_STREAM, k)`` in every setting and at any ``batch_size``. With
+    ``out_dir``, the first 64 images of each setting are saved there as a grid, and the results
+    as ``results.json``."""
     specs = sample_specs(n, seed=seed, split="heldout")
     prompts = [s.caption() for s in specs]
+    seeds = [derive_seed(seed, SEED_STREAM, k) for k in range(n)]
     results = {}
     for setting in settings:
         images = []
         for i in tqdm(range(0, n, batch_size), desc=setting.name, unit="batch"):
-            batch = prompts[i : i + batch_size]
             result = pipe(
-                batch,
+                prompts[i : i + batch_size],
                 num_inference_steps=setting.num_steps,
                 guidance_scale=setting.guidance_scale,
                 sampler=setting.sampler,
-                seed=seed * 1_000_003 + i,  # image k of the batch uses seed + k
+                seed=seeds[i : i + batch_size],
                 progress=False,
             )
             images += result.images

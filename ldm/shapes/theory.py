@@ -8,7 +8,8 @@ while a low strength gives the input back? And why does DDIM inversion give it b
 - `inversion_roundtrip`: DDIM inversion then DDIM sampling, against DDIM sampling from the same
   image noised to the first timestep by the forward process with random noise.
 - `start_snr`, `information_bound_bits`, `schedule_ends`: what the noise schedule alone says.
-- `run_theory`: all of them on N shapes images, with the numbers that the page quotes.
+- `run_theory`: all of them on N shapes images, with the numbers that the page quotes;
+  `format_tables` (`ldm.shapes.theory_tables`) writes the page's tables from them.
 
 Everything is seeded: the same arguments give the same numbers. Images are PIL, 8-bit, and
 PSNR is computed on them as a user sees them.
@@ -26,11 +27,31 @@ from PIL import Image
 from torch import Tensor
 
 from ldm import images as imaging
+from ldm.config import GENERATION
 from ldm.diffusion.samplers import img2img_start, make_timesteps
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.shapes.detector import detect
+from ldm.shapes.theory_tables import format_tables
 from ldm.shapes.world import ATTRIBUTES, ShapeSpec, render, sample_specs
+
+__all__ = [  # format_tables lives in ldm.shapes.theory_tables; it is importable from here too
+    "SCHEDULES",
+    "STRENGTHS",
+    "Img2ImgSweep",
+    "InversionResult",
+    "TheoryRun",
+    "attributes_kept",
+    "format_tables",
+    "img2img_sweep",
+    "information_bound_bits",
+    "inversion_roundtrip",
+    "psnr",
+    "run_theory",
+    "schedule_ends",
+    "start_snr",
+    "to_array",
+]
 
 STRENGTHS = tuple(k / 10 for k in range(11))  # 0.0, 0.1, ..., 1.0
 SCHEDULES = {  # name: NoiseSchedule arguments, for the schedule comparison
@@ -56,8 +77,8 @@ def psnr(images: np.ndarray, references: np.ndarray) -> np.ndarray:
 
 
 def attributes_kept(specs: Sequence[ShapeSpec], images: Sequence[Image.Image]) -> np.ndarray:
-    """(B,) the share of the five attributes (`ldm.shapes.world.ATTRIBUTES`) that `detect` reads in
-    image b as ``specs[b]`` has them: 1.0 when all five are kept."""
+    """(B,) the share of the five attributes (`ldm.shapes.world.ATTRIBUTES`) that `detect`
+    reads in image b as ``specs[b]`` has them: 1.0 when all five are kept."""
     kept = [
         np.mean([getattr(detect(image), a) == getattr(spec, a) for a in ATTRIBUTES])
         for spec, image in zip(specs, images, strict=True)
@@ -73,7 +94,8 @@ def start_snr(
     timestep_spacing: str = "leading",
     steps_offset: int = 1,
 ) -> tuple[int | None, float]:
-    """(t, SNR(t)) where image-to-image at this strength starts (`ldm.diffusion.samplers.img2img_start`).
+    """(t, SNR(t)) where image-to-image at this strength starts
+    (`ldm.diffusion.samplers.img2img_start`).
 
     t is None at the ends: strength 1 starts from pure noise (SNR 0), strength 0 runs no step
     and returns the input (SNR inf).
@@ -162,7 +184,7 @@ def img2img_sweep(
     *,
     prompt: str | Sequence[str] = "",
     guidance_scale: float = 1.0,
-    num_steps: int = 50,
+    num_steps: int = GENERATION.num_inference_steps,
     seed: int = 0,
 ) -> Img2ImgSweep:
     """Image-to-image (`LatentDiffusionPipeline.img2img`, DDIM, eta 0) from the renders of
@@ -249,7 +271,7 @@ def inversion_roundtrip(
     pipe: LatentDiffusionPipeline,
     specs: Sequence[ShapeSpec],
     *,
-    num_steps: int = 50,
+    num_steps: int = GENERATION.num_inference_steps,
     fixed_point_iters: Sequence[int] = (0, 2),
     noise_seeds: Sequence[int] = (0, 1),
     prompt: str = "",
@@ -324,9 +346,9 @@ def run_theory(
     pipe: LatentDiffusionPipeline,
     *,
     n: int = 64,
-    num_steps: int = 50,
+    num_steps: int = GENERATION.num_inference_steps,
     seed: int = 0,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = GENERATION.guidance_scale,
 ) -> TheoryRun:
     """The experiments of docs/theory.md on ``n`` training-distribution shapes renders
     (`ldm.shapes.world.sample_specs` with ``seed``): `img2img_sweep` at `STRENGTHS` with the empty
@@ -364,53 +386,3 @@ def run_theory(
         "inversion": inversion.summary(),
     }
     return TheoryRun(specs, uncond, prompted, inversion, results)
-
-
-def _method_label(key: str) -> str:
-    """The row title of an `InversionResult` key (vae, inverted_K, noised_seed_S) in the page."""
-    if key == "vae":
-        return "none: VAE round trip"
-    method, number = key.rsplit("_", 1)
-    if method == "inverted":
-        return "DDIM inversion" + (f", `fixed_point_iters={number}`" if number != "0" else "")
-    return f"forward noise, seed {number}"
-
-
-def format_tables(results: dict) -> str:
-    """The measured tables of docs/theory.md, ready to paste, from `run_theory`'s ``results``:
-    image-to-image by strength, DDIM from inverted against forward-noised x_T, and the other
-    numbers the page quotes."""
-    uncond, prompted = results["img2img"]["unconditional"], results["img2img"]["prompted"]
-    lines = [
-        "| strength | PSNR (dB) | attributes kept | all five kept | attributes kept, with the caption |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for i, strength in enumerate(uncond["strength"]):
-        label = f"{strength:.1f}" + (" (VAE round trip)" if strength == 0 else "")
-        lines.append(
-            f"| {label} | {uncond['psnr_mean'][i]:.1f} | {uncond['kept_mean'][i]:.2f} "
-            f"| {uncond['all_kept'][i]:.2f} | {prompted['kept_mean'][i]:.2f} |"
-        )
-    lines += [
-        "",
-        "| x_T, then DDIM | PSNR (dB) | attributes kept | all five kept | latent RMS to x_0 "
-        "| std of x_T |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    inversion = results["inversion"]
-    for key, row in inversion.items():
-        if not isinstance(row, dict):
-            continue
-        std = "-" if row["x_T_std"] is None else f"{row['x_T_std']:.2f}"
-        rms = "0" if key == "vae" else f"{row['latent_rms']['mean']:.3f}"
-        lines.append(
-            f"| {_method_label(key)} | {row['psnr']['mean']:.1f} | {row['kept_mean']:.2f} "
-            f"| {row['all_kept']:.2f} | {rms} | {std} |"
-        )
-    lines += [
-        "",
-        f"- model {results['model']}, {results['n']} images, {results['num_steps']} steps",
-        f"- chance level (strength 1, scored against another input): {uncond['kept_chance'][-1]:.2f}",
-        f"- latent mean square P: {inversion['latent_power']:.2f}",
-    ]
-    return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 A checkpoint is written into a hidden sibling folder (``.tmp-checkpoint-N``) and renamed to
 ``checkpoint-N`` only when complete, so a crash mid-write never leaves a broken latest
-checkpoint. Older checkpoints are removed only after the new one is in place.
+checkpoint. Older checkpoints are removed only after the new one is in place. The EMA is kept in
+it as ``ema.safetensors`` (`EMA.save`): its weights under their parameters' names, its settings
+in the file's metadata.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+EMA_FILE = "ema.safetensors"  # in each checkpoint-N folder of a run with an EMA
 
 
 class EMA:
@@ -38,7 +43,7 @@ class EMA:
     A fixed 0.9999 without warm-up would leave a 400-step fine-tune 0.9999^400 = 96% the
     starting weights. Kept in float32 on the parameters' device; ``copy_to`` writes it into a
     model (for validation and export), ``state_dict``/``load_state_dict`` save and restore it
-    exactly, the update count included.
+    exactly, the update count included, and ``save``/``load`` do so through a safetensors file.
     """
 
     def __init__(
@@ -100,6 +105,33 @@ class EMA:
         self.shadow = [
             s.float().to(old.device).clone() for s, old in zip(shadow, self.shadow, strict=True)
         ]
+
+    def save(self, path: str | Path, names: list[str]) -> None:
+        """Write ``path`` (safetensors, no pickle): the i-th weight under ``names[i]``, the name
+        of the parameter it follows, and the settings and update count as JSON metadata."""
+        if len(names) != len(self.shadow) or len(set(names)) != len(names):
+            raise ValueError(f"{len(self.shadow)} EMA weights need as many distinct names")
+        tensors = {
+            n: s.detach().cpu().contiguous() for n, s in zip(names, self.shadow, strict=True)
+        }
+        settings = {k: v for k, v in self.state_dict().items() if not k.startswith("shadow.")}
+        save_file(tensors, str(path), metadata={"ldm.ema": json.dumps(settings)})
+
+    def load(self, path: str | Path, names: list[str]) -> None:
+        """Restore what `save` wrote to ``path``, exactly; its names must be ``names``."""
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if "ldm.ema" not in metadata:
+            raise ValueError(f"{path} has no ldm.ema metadata: it was not written by EMA.save")
+        if set(tensors) != set(names):
+            missing, unexpected = set(names) - set(tensors), set(tensors) - set(names)
+            raise ValueError(
+                f"{path} does not hold this model's EMA: it lacks {sorted(missing)[:5]} and "
+                f"holds {sorted(unexpected)[:5]} besides"
+            )
+        shadow = {f"shadow.{i}": tensors[n] for i, n in enumerate(names)}
+        self.load_state_dict({**json.loads(metadata["ldm.ema"]), **shadow})
 
 
 def checkpoints(folder: str | Path) -> list[Path]:

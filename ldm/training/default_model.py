@@ -1,9 +1,11 @@
-"""The shipped default model: `ldm.training.recipe` on the procedural shapes world (``ldm train-default``).
+"""The shipped default model: `ldm.training.recipe` on the procedural shapes world
+(``ldm train-default``).
 
-`train_default` runs the recipe with ``DATA = "shapes"`` (30,000 training images, 1,000 of held-out
-attribute combinations) and the configs of ``ldm/configs/default_model``: larger stages than the
-recipe's defaults, for 30,000 images, and a tokenizer of the shapes words alone. `ship` writes a trained
-pipeline folder into the package (U-Net weights in float16) as `ldm.config.DEFAULT_MODEL`.
+`train_default` runs the recipe with ``DATA = "shapes"`` (30,000 training images, 1,000 of
+held-out attribute combinations) and the configs of ``ldm/configs/default_model``: larger stages
+than the recipe's defaults, for 30,000 images, and a tokenizer of the shapes words alone. `ship`
+writes a trained pipeline folder into the package (U-Net weights in float16) as
+`ldm.config.DEFAULT_MODEL`.
 """
 
 from __future__ import annotations
@@ -70,21 +72,30 @@ def ship(model: str | Path, target: str | Path = DEFAULT_MODEL) -> Path:
 
 
 def load_checkpoint_ema(pipe: LatentDiffusionPipeline, checkpoint: str | Path) -> None:
-    """Put the EMA weights saved in an ``ldm train`` checkpoint into ``pipe.unet``."""
-    path = Path(checkpoint) / "custom_checkpoint_1.pkl"  # 0: the LR schedule, 1: the EMA
+    """Put the EMA weights saved in an ``ldm train`` checkpoint (``ema.safetensors``, keyed by
+    the U-Net's parameter names) into ``pipe.unet``."""
+    from safetensors.torch import load_file
+
+    from ldm.training.checkpoint import EMA_FILE
+
+    path = Path(checkpoint) / EMA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no EMA state at {path}; was the run trained with ema_decay?")
-    state = torch.load(path, weights_only=True)
+    state = load_file(path)
+    names = [name for name, _ in pipe.unet.named_parameters()]
+    if missing := [name for name in names if name not in state]:
+        raise ValueError(f"{path} is not this U-Net's EMA: it lacks {missing[:5]}")
     with torch.no_grad():
-        for i, p in enumerate(pipe.unet.parameters()):
-            p.copy_(state[f"shadow.{i}"])
+        for name, p in pipe.unet.named_parameters():
+            p.copy_(state[name])
 
 
 def evaluate_checkpoints(
     run: str | Path = "runs/default", *, n: int = 100, every: int = 1
 ) -> dict[int, dict[str, float]]:
     """Accuracy against training steps: each kept U-Net checkpoint of a recipe run (its EMA
-    weights, as exported) scored on held-out prompts with DDIM 50 steps at guidance 7.5.
+    weights, as exported) scored on held-out prompts by `ldm.shapes.detector.evaluate` at the
+    default setting (`ldm.config.GENERATION`'s sampler, steps and guidance scale).
     ``every``: take every k-th checkpoint. Returns ``{step: accuracy}``."""
     from ldm.training.checkpoint import checkpoints
 

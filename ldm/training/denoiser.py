@@ -19,13 +19,15 @@ import torch
 from PIL import Image
 
 from ldm.config import SchedulerConfig, TrainConfig, TrainSettings, UNetConfig
-from ldm.data import ImageCaptionDataset, scan
+from ldm.data import DataReport, ImageCaptionDataset, scan
 from ldm.diffusion.losses import decoder_loss, diffusion_loss, loss_by_timestep_bucket
 from ldm.images import make_grid
 from ldm.nn.unet import UNet
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.training.cache import encode_dataset, fingerprint
-from ldm.training.loop import Objective, Part, Step, fit, make_accelerator, prepare_run
+from ldm.seeds import generator_for
+from ldm.training.cache import EncodedData, encode_dataset, fingerprint
+from ldm.training.loop import fit, make_accelerator, prepare_run
+from ldm.training.objective import Objective, Part, Step
 
 logger = logging.getLogger(__name__)
 
@@ -62,19 +64,20 @@ def _load_models(config: TrainConfig) -> LatentDiffusionPipeline:
 
 def _unfreeze(
     pipe: LatentDiffusionPipeline, t: TrainSettings
-) -> list[tuple[torch.nn.Module, list[torch.nn.Parameter], float]]:
+) -> list[tuple[str, torch.nn.Module, list[torch.nn.Parameter], float]]:
     """The frozen parts that ``train.train_vae_decoder`` and ``train.train_text_encoder`` fine-tune:
-    (module to checkpoint, its trained parameters, their learning rate). The VAE's encoder always
-    stays frozen, so the latents the U-Net learns from keep their meaning."""
+    (name, module to checkpoint, its trained parameters, their learning rate). The VAE's encoder
+    always stays frozen, so the latents the U-Net learns from keep their meaning."""
     extra = []
     if t.train_vae_decoder:
         vae = pipe.vae.vae
         params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-        extra.append((pipe.vae, params, t.vae_learning_rate or t.learning_rate))
+        extra.append(("vae", pipe.vae, params, t.vae_learning_rate or t.learning_rate))
     if t.train_text_encoder:
         params = list(pipe.text_encoder.model.parameters())
-        extra.append((pipe.text_encoder, params, t.text_encoder_learning_rate or t.learning_rate))
-    for _, params, _ in extra:
+        lr = t.text_encoder_learning_rate or t.learning_rate
+        extra.append(("text_encoder", pipe.text_encoder, params, lr))
+    for _, _, params, _ in extra:
         for p in params:
             p.requires_grad_(True)
     return extra
@@ -92,89 +95,32 @@ def train(
     ``output_dir`` that holds a run is refused unless ``resume`` or ``overwrite`` is given
     (`ldm.training.checkpoint.start_run`); SIGINT/SIGTERM save, then raise `TrainingInterrupted`."""
     t = config.train
-    if t.cache_latents and (not config.data.center_crop or config.data.random_flip):
-        raise ValueError(
-            "train.cache_latents=true needs data.center_crop: true and data.random_flip: false: "
-            "cached latents are of one fixed crop"
-        )
+    _check(config)
     out = Path(config.output_dir)
     accelerator = make_accelerator(t)
-    main = accelerator.is_main_process
     settings = config.to_dict()
     options = dict(overwrite=overwrite, allow_config_change=allow_config_change)
     checkpoint = prepare_run(out, accelerator, resume, settings, carry=("cache",), **options)
 
-    # Models: the U-Net trains; the VAE's decoder and the text encoder only when asked.
+    # 1. Models: the U-Net trains; the VAE's decoder and the text encoder only when asked.
     pipe = _load_models(config)
-    unet = pipe.unet.train().requires_grad_(True)
-    if t.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    pipe.vae.to(accelerator.device)
-    pipe.text_encoder.to(accelerator.device)
-    extra = _unfreeze(pipe, t)  # [(module, parameters, learning rate)]
+    unet = _trainable_unet(pipe, t, accelerator.device)
+    parts = [Part(list(unet.parameters()), t.learning_rate)]
+    parts += [Part(params, lr, module, name) for name, module, params, lr in _unfreeze(pipe, t)]
 
-    # Data: every sample checked up front; the report lists what was skipped or converted.
-    report = scan(config.data)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        report.save(out / "data_report.json")
-        (out / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
-    data_generator = torch.Generator().manual_seed(t.seed * 7919 + 1 + accelerator.process_index)
+    # 2. Data: every sample checked up front; the report lists what was skipped or converted.
+    report = _scan(config, out, settings, accelerator.is_main_process)
+    data_generator = generator_for(t.seed, "data", accelerator.process_index)
     dataset = ImageCaptionDataset(config.data, report.samples, generator=data_generator)
 
-    encoded = None
-    if t.cache_latents:  # encode once; later epochs read the frozen encoders' outputs from disk
-        key = fingerprint(pipe.vae, pipe.text_encoder, report.samples, config.data)
-        if main:
-            encode_dataset(pipe.vae, pipe.text_encoder, dataset, out / "cache", key)
-        accelerator.wait_for_everyone()
-        encoded = encode_dataset(pipe.vae, pipe.text_encoder, dataset, out / "cache", key)
+    # 3. Encoder cache: encode once; later epochs read the frozen encoders' outputs from disk.
+    encoded = _cache(pipe, dataset, report, config, out, accelerator) if t.cache_latents else None
 
+    # 4. Objective: a batch of latents and contexts, and its loss.
     def loss(model, indices: list[int], generator: torch.Generator) -> Step:
-        drop = torch.rand(len(indices), generator=generator) < t.caption_dropout  # (B,)
-        pixels = None
-        if encoded is not None:
-            mean, std = encoded.means[indices], encoded.stds[indices]  # (B, C, h, w)
-            noise = torch.randn(mean.shape, generator=generator)
-            x0 = (mean + std * noise).to(accelerator.device)  # a posterior sample, as encode gives
-            context = torch.where(
-                drop[:, None, None], encoded.empty_context, encoded.contexts[indices]
-            )
-            context = context.to(accelerator.device)  # (B, L, D)
-            if t.train_vae_decoder:
-                pixels = torch.stack([dataset[i]["pixels"] for i in indices])
-                pixels = pixels.to(accelerator.device)  # (B, 3, H, W)
-        else:
-            items = [dataset[i] for i in indices]
-            pixels = torch.stack([item["pixels"] for item in items]).to(accelerator.device)
-            captions = [
-                "" if d else it["caption"] for d, it in zip(drop.tolist(), items, strict=True)
-            ]
-            x0 = pipe.vae.encode(pixels, generator=generator, sample=True).float()  # (B, C, h, w)
-            encode_text = pipe.text_encoder.embed if t.train_text_encoder else pipe.text_encoder
-            context = encode_text(captions).float()  # (B, L, D)
-        result = diffusion_loss(
-            model,
-            pipe.schedule,
-            x0,
-            context,
-            generator=generator,
-            min_snr_gamma=t.min_snr_gamma,
-            noise_offset=t.noise_offset,
-        )
-        figures = {}
-        total = result.loss
-        if t.train_vae_decoder:  # its own objective; the latents stay the encoder's
-            decoder_mse = decoder_loss(pipe.vae, x0, pixels)
-            total = total + decoder_mse
-            figures["decoder_mse"] = decoder_mse.item()
-        figures["loss_by_t"] = loss_by_timestep_bucket(
-            result.per_sample, result.t, pipe.schedule.num_train_timesteps
-        )
-        return Step(total, figures, logged=result.loss)
+        batch = _batch(pipe, dataset, encoded, t, indices, generator, accelerator.device)
+        return _step(model, pipe, t, batch, generator)
 
-    parts = [Part(list(unet.parameters()), t.learning_rate)]
-    parts += [Part(params, lr, module) for module, params, lr in extra]
     trained = [p for part in parts for p in part.parameters]
 
     def validate(step: int) -> Image.Image:
@@ -190,15 +136,108 @@ def train(
         validate_every=config.validation.every,
         data_generator=data_generator,
     )
+
+    # 5. The loop: steps, logs, checkpoints, validation (`ldm.training.loop.fit`).
     fit(objective, t, out, accelerator, resume=checkpoint, config=settings)
 
-    # Export the EMA weights (or the raw ones) as a pipeline folder.
+    # 6. Export the EMA weights (or the raw ones) as a pipeline folder.
     final = out / "model"
-    if main:
+    if accelerator.is_main_process:
         LatentDiffusionPipeline(
             unet.eval(), pipe.vae, pipe.text_encoder, pipe.scheduler_config, name=out.name
         ).save_pretrained(final)
     return final
+
+
+def _check(config: TrainConfig) -> None:
+    if config.train.cache_latents and (not config.data.center_crop or config.data.random_flip):
+        raise ValueError(
+            "train.cache_latents=true needs data.center_crop: true and data.random_flip: false: "
+            "cached latents are of one fixed crop"
+        )
+
+
+def _trainable_unet(pipe: LatentDiffusionPipeline, t: TrainSettings, device) -> UNet:
+    """The U-Net in training mode; the frozen VAE and text encoder moved to ``device``."""
+    unet = pipe.unet.train().requires_grad_(True)
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    pipe.vae.to(device)
+    pipe.text_encoder.to(device)
+    return unet
+
+
+def _scan(config: TrainConfig, out: Path, settings: dict, main: bool) -> DataReport:
+    """`ldm.data.scan`, its report saved as ``data_report.json`` beside ``config.json``."""
+    report = scan(config.data)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        report.save(out / "data_report.json")
+        (out / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return report
+
+
+def _cache(pipe, dataset, report, config: TrainConfig, out: Path, accelerator) -> EncodedData:
+    """The encoder cache of ``dataset`` (written by the main process, then read by all)."""
+    key = fingerprint(pipe.vae, pipe.text_encoder, report.samples, config.data)
+    if accelerator.is_main_process:
+        encode_dataset(pipe.vae, pipe.text_encoder, dataset, out / "cache", key)
+    accelerator.wait_for_everyone()
+    return encode_dataset(pipe.vae, pipe.text_encoder, dataset, out / "cache", key)
+
+
+def _batch(
+    pipe: LatentDiffusionPipeline,
+    dataset: ImageCaptionDataset,
+    encoded: EncodedData | None,
+    t: TrainSettings,
+    indices: list[int],
+    generator: torch.Generator,
+    device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A batch as (x0 (B, C, h, w), context (B, L, D), pixels (B, 3, H, W) or None): captions
+    dropped at ``caption_dropout``, x0 a posterior sample of the VAE, from ``encoded`` if given.
+    Pixels are loaded when the VAE decoder trains (or when nothing is cached)."""
+    drop = torch.rand(len(indices), generator=generator) < t.caption_dropout  # (B,)
+    if encoded is None:
+        items = [dataset[i] for i in indices]
+        pixels = torch.stack([item["pixels"] for item in items]).to(device)
+        captions = ["" if d else it["caption"] for d, it in zip(drop.tolist(), items, strict=True)]
+        x0 = pipe.vae.encode(pixels, generator=generator, sample=True).float()
+        encode_text = pipe.text_encoder.embed if t.train_text_encoder else pipe.text_encoder
+        return x0, encode_text(captions).float(), pixels
+    mean, std = encoded.means[indices], encoded.stds[indices]
+    noise = torch.randn(mean.shape, generator=generator)
+    x0 = (mean + std * noise).to(device)  # a posterior sample, as encode gives
+    context = torch.where(drop[:, None, None], encoded.empty_context, encoded.contexts[indices])
+    pixels = None
+    if t.train_vae_decoder:
+        pixels = torch.stack([dataset[i]["pixels"] for i in indices]).to(device)
+    return x0, context.to(device), pixels
+
+
+def _step(model, pipe: LatentDiffusionPipeline, t: TrainSettings, batch, generator) -> Step:
+    """The ε or v loss of a batch (`diffusion_loss`), plus the VAE decoder's reconstruction
+    loss when it trains; logged: the diffusion loss, the decoder MSE, the loss by timestep."""
+    x0, context, pixels = batch
+    result = diffusion_loss(
+        model,
+        pipe.schedule,
+        x0,
+        context,
+        generator=generator,
+        min_snr_gamma=t.min_snr_gamma,
+        noise_offset=t.noise_offset,
+    )
+    figures, total = {}, result.loss
+    if t.train_vae_decoder:  # its own objective; the latents stay the encoder's
+        decoder_mse = decoder_loss(pipe.vae, x0, pixels)
+        total = total + decoder_mse
+        figures["decoder_mse"] = decoder_mse.item()
+    figures["loss_by_t"] = loss_by_timestep_bucket(
+        result.per_sample, result.t, pipe.schedule.num_train_timesteps
+    )
+    return Step(total, figures, logged=result.loss)
 
 
 @torch.no_grad()

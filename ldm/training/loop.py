@@ -1,38 +1,39 @@
 """The one training loop, `fit`: the U-Net (`ldm.training.denoiser`), the VAE and CLIP (`ldm.training.pretrain`)
 differ only in the `Objective` they hand it. The only module that imports accelerate.
 
-`fit`, in numbered sections: (1) optimizer and schedule, (2) EMA and what is checkpointed,
-(3) resume, (4) steps: seeded epochs of batches, gradient accumulation, clipping, the NaN guard,
-EMA updates, JSONL and TensorBoard logs, atomic rotated checkpoints, validation images with the
-EMA weights, and a checkpoint on SIGINT/SIGTERM. Every random draw goes through the generators
-of `TrainingState`, whose states are checkpointed, so a run that is killed and resumed ends
-with the same weights as one that was not.
+`fit` runs a `_Fit` through its steps: (1) `setup`: optimizer and schedule, EMA, what is
+checkpointed; (2) `resume`; (3) `run`: seeded epochs of batches (`next_batch`), one
+`optimisation_step` each (gradient accumulation, clipping, the NaN guard), then `after_update`:
+the EMA, JSONL and TensorBoard logs, atomic rotated checkpoints (`write_checkpoint`),
+validation images with the EMA weights; a checkpoint on SIGINT/SIGTERM (`signals_caught`);
+(4) `finish`. Every random draw goes through the generators of `TrainingState`, whose states
+are checkpointed, so a run that is killed and resumed ends with the same weights as one that
+was not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-import math
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from ldm.config import TrainSettings
 from ldm.errors import TrainingInterrupted
+from ldm.seeds import generator_for
 from ldm.training.checkpoint import (
     EMA,
+    EMA_FILE,
     begin_checkpoint,
     commit_checkpoint,
     latest_checkpoint,
@@ -40,136 +41,12 @@ from ldm.training.checkpoint import (
     save_run_config,
     start_run,
 )
+from ldm.training.objective import Objective, Step, parameter_names
+from ldm.training.state import TrainingState, epoch_batches, lr_factor, progress, truncate_log
 
 logger = logging.getLogger(__name__)
 
 MAX_NONFINITE_IN_A_ROW = 10
-
-
-@dataclass
-class TrainingState:
-    """What besides weights and optimizer a resumed run needs: where it is, and its generators."""
-
-    step: int
-    epoch: int
-    position: int  # batches of this process already taken from the current epoch
-    generator: torch.Generator  # caption dropout, VAE posterior samples, noise, timesteps
-    data_generator: torch.Generator | None  # random crops and flips
-    nonfinite_skipped: int = 0
-    elapsed_s: float = 0.0  # training time before this process started (resumed runs)
-    max_steps: int = 0  # the run's max_steps when this state was saved
-    # The LR schedule's progress is anchored at (step, progress): a resumed run with another
-    # max_steps goes on from the LR it had instead of jumping (see `_lr_lambda`).
-    anchor: tuple[int, float] | None = None
-
-    def state_dict(self) -> dict:
-        state = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "position": self.position,
-            "generator": self.generator.get_state(),
-            "nonfinite_skipped": self.nonfinite_skipped,
-            "elapsed_s": self.elapsed_s,
-            "max_steps": self.max_steps,
-            "anchor": list(self.anchor) if self.anchor is not None else None,
-        }
-        if self.data_generator is not None:
-            state["data_generator"] = self.data_generator.get_state()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-        self.generator.set_state(state["generator"])
-        if self.data_generator is not None:
-            self.data_generator.set_state(state["data_generator"])
-        self.nonfinite_skipped = state["nonfinite_skipped"]
-        self.elapsed_s = float(state.get("elapsed_s", 0.0))  # absent in older checkpoints
-        self.max_steps = int(state.get("max_steps", 0))
-        anchor = state.get("anchor")
-        self.anchor = (int(anchor[0]), float(anchor[1])) if anchor is not None else None
-
-
-@dataclass
-class Step:
-    """One batch's result: ``loss`` is what is backpropagated; ``logged`` (default ``loss``) the
-    figure logged as "loss"; ``figures`` more numbers to log (a dict value is logged per key)."""
-
-    loss: torch.Tensor
-    figures: dict[str, Any] = field(default_factory=dict)
-    logged: torch.Tensor | None = None
-
-
-@dataclass
-class Part:
-    """Parameters that train at one learning rate. ``module`` (when given) is checkpointed as a
-    registered object; the module that Accelerate prepares is saved by Accelerate itself."""
-
-    parameters: list[torch.nn.Parameter]
-    learning_rate: float
-    module: torch.nn.Module | None = None
-
-
-@dataclass
-class Objective:
-    """What `fit` trains and how. ``loss(model, indices, generator)`` turns this process's batch
-    of dataset indices into a `Step`; ``model`` is ``prepared`` after Accelerate wrapped it (call
-    it, not ``prepared``, so that gradients synchronise across processes) or None. ``parts[0]``
-    holds ``prepared``'s parameters when there is one; the gradients of other parts are averaged
-    by hand. ``validate(step)`` runs with the EMA weights in place and may return an image."""
-
-    name: str
-    n: int  # dataset size
-    parts: list[Part]
-    loss: Callable[[Any, list[int], torch.Generator], Step]
-    prepared: torch.nn.Module | None = None
-    validate: Callable[[int], Image.Image | None] | None = None
-    validate_every: int = 0  # 0: never
-    data_generator: torch.Generator | None = None
-    log_every: int = 1
-
-
-def _average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
-    """The mean gradient over processes, for modules that Accelerate did not wrap."""
-    if accelerator.num_processes > 1:
-        for p in params:
-            if p.grad is not None:
-                p.grad = accelerator.reduce(p.grad, reduction="mean")
-
-
-def _progress(t: TrainSettings, anchor: tuple[int, float] | None, step: int) -> float:
-    """The cosine's progress p = (step - warmup) / (max_steps - warmup). When a resumed run
-    changes max_steps, p goes on linearly from ``anchor`` = (step s0, progress p0) to 1 at the
-    new max_steps, so the LR continues from its value instead of jumping."""
-    s0, p0 = anchor if anchor is not None else (t.warmup_steps, 0.0)
-    return p0 + (1 - p0) * (step - s0) / max(1, t.max_steps - s0)
-
-
-def _lr_lambda(t: TrainSettings, state: TrainingState):
-    """The LR factor at a step: linear warm-up, then constant or cosine (`_progress`, with
-    ``state.anchor`` as it is when the step is taken)."""
-
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.lr_scheduler == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(max(_progress(t, state.anchor, step), 0.0), 1.0)))
-
-    return factor
-
-
-def _epoch_batches(
-    n: int, epoch: int, seed: int, batch: int, rank: int, world: int
-) -> list[list[int]]:
-    """This process's batches of an epoch: a seeded permutation, cut to whole global batches."""
-    order = torch.randperm(
-        n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
-    ).tolist()
-    per_step = batch * world
-    usable = (n // per_step) * per_step or n  # a dataset smaller than one global batch still trains
-    order = order[:usable]
-    mine = order[rank::world]
-    return [mine[i : i + batch] for i in range(0, len(mine), batch)]
 
 
 def make_accelerator(t: TrainSettings) -> Accelerator:
@@ -210,46 +87,74 @@ def fit(
     (SIGINT/SIGTERM) saves a checkpoint, then raises `TrainingInterrupted`. ``resume`` is
     'latest', 'auto' or a checkpoint folder (`resolve_resume`); ``config``, the run's whole
     config, is saved in every checkpoint for `start_run` to compare on resume."""
-    main = accelerator.is_main_process
+    # 1. Optimizer, LR schedule, EMA, and what is checkpointed.
+    run = _Fit(objective, t, out, accelerator, config)
+    # 2. Resume: a checkpoint that cannot be read is an error, never a silent restart.
+    run.resume(resolve_resume(out / "checkpoints", resume))
+    # 3. Steps, until max_steps or a signal.
+    with run.signals_caught(), run.logs_open():
+        run.run()
+    # 4. Stop on the signal, or end with the EMA weights in place.
+    run.finish()
 
-    # 1. Optimizer and learning-rate schedule.
-    fused = accelerator.device.type in ("cpu", "cuda")  # one kernel per step: 4x faster on CPU
-    groups = [{"params": part.parameters, "lr": part.learning_rate} for part in objective.parts]
-    optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=fused)
-    generator = torch.Generator().manual_seed(t.seed * 7919 + accelerator.process_index)
-    state = TrainingState(0, 0, 0, generator, objective.data_generator, max_steps=t.max_steps)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t, state))
-    # The schedule is stepped once per optimizer update by us, not by Accelerate (which would step
-    # it once per process), and checkpointed as a registered object. Accelerate saves registered
-    # objects from the main process only, so each process saves its own TrainingState.
-    model = None
-    if objective.prepared is not None:
-        model, optimizer = accelerator.prepare(objective.prepared, optimizer)
-        by_hand = objective.parts[1:]
-    else:
-        optimizer = accelerator.prepare(optimizer)
-        by_hand = objective.parts
 
-    def trained_parameters() -> list[torch.nn.Parameter]:
-        first = [] if model is None else list(accelerator.unwrap_model(model).parameters())
-        return [*first, *(p for part in by_hand for p in part.parameters)]
+class _Fit:
+    """The state of one `fit`: the prepared model and optimizer, the EMA, the `TrainingState`
+    (with the LR schedule), the logs, and the signal that stops the run."""
 
-    # 2. EMA, and the objects checkpointed besides the prepared model and the optimizer.
-    ema = (
-        EMA(trained_parameters(), t.ema_decay, power=t.ema_power, inv_gamma=t.ema_inv_gamma)
-        if t.ema_decay
-        else None
-    )
-    accelerator.register_for_checkpointing(lr_schedule)
-    for part in objective.parts:
-        if part.module is not None:
-            accelerator.register_for_checkpointing(part.module)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    def __init__(self, objective: Objective, t: TrainSettings, out: Path, accelerator, config):
+        self.objective, self.t, self.out, self.config = objective, t, out, config
+        self.accelerator, self.main = accelerator, accelerator.is_main_process
+        self.folder = out / "checkpoints"
+        self.stop_signal: int | None = None
+        self.nonfinite_in_a_row = 0
+        self.batches: list[list[int]] = []
+        self.batches_epoch: int | None = None
+        self.log_file = self.board = self.bar = None
+        self.started = time.perf_counter()
+        self.setup()
 
-    # 3. Resume: a checkpoint that cannot be read is an error, never a silent restart.
-    checkpoint = resolve_resume(out / "checkpoints", resume)
-    if checkpoint is not None:
+    def setup(self) -> None:
+        """AdamW over the parts, the LR schedule in the `TrainingState`, `Accelerator.prepare`,
+        the EMA of every trained parameter, and the part modules that Accelerate checkpoints."""
+        t, objective, accelerator = self.t, self.objective, self.accelerator
+        fused = accelerator.device.type in ("cpu", "cuda")  # one kernel per step: 4x faster on CPU
+        groups = [{"params": part.parameters, "lr": part.learning_rate} for part in objective.parts]
+        optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=fused)
+        noise = generator_for(t.seed, "noise", accelerator.process_index)
+        state = TrainingState(0, 0, 0, noise, objective.data_generator, max_steps=t.max_steps)
+        # The schedule is stepped once per optimizer update by us, not by Accelerate (which would
+        # step it once per process), and saved in every process's TrainingState.
+        state.schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t, state))
+        self.state, self.model = state, None
+        if objective.prepared is not None:
+            self.model, self.optimizer = accelerator.prepare(objective.prepared, optimizer)
+            self.by_hand = objective.parts[1:]
+            unwrapped = accelerator.unwrap_model(self.model)
+            named = [(objective.parts[0].name, unwrapped, list(unwrapped.parameters()))]
+        else:
+            self.optimizer = accelerator.prepare(optimizer)
+            self.by_hand, named = objective.parts, []
+        named += [(part.name, part.module, part.parameters) for part in self.by_hand]
+        self.trained = [p for _, _, parameters in named for p in parameters]
+        self.names = parameter_names(named)
+        self.ema = (
+            EMA(self.trained, t.ema_decay, power=t.ema_power, inv_gamma=t.ema_inv_gamma)
+            if t.ema_decay
+            else None
+        )
+        # Accelerate saves registered objects from the main process only, so each process
+        # saves its own TrainingState; the EMA is saved by name (`write_checkpoint`).
+        for part in objective.parts:
+            if part.module is not None:
+                accelerator.register_for_checkpointing(part.module)
+
+    def resume(self, checkpoint: Path | None) -> None:
+        """Load ``checkpoint`` (None: a fresh start): Accelerate's state, this process's
+        `TrainingState` and the EMA; anchor the LR when max_steps changes; cut the log."""
+        if checkpoint is None:
+            return
+        accelerator, state, t = self.accelerator, self.state, self.t
         own_state = checkpoint / f"training_state_{accelerator.process_index}.pt"
         if not own_state.is_file():
             raise ValueError(
@@ -257,12 +162,22 @@ def fit(
                 "with fewer processes, or by an older ldm; resume with the same number of "
                 "processes, or start the run again"
             )
+        saved = torch.load(own_state, weights_only=True)
+        no_ema = self.ema is not None and not (checkpoint / EMA_FILE).is_file()
+        if "lr_schedule" not in saved or no_ema:
+            missing = f"its {EMA_FILE}" if no_ema else f"the LR schedule in {own_state.name}"
+            raise ValueError(
+                f"{checkpoint} lacks {missing}: it was written by an older ldm, or without "
+                "ema_decay; start the run again"
+            )
         accelerator.load_state(str(checkpoint))
-        state.load_state_dict(torch.load(own_state, weights_only=True))
-        logger.info("resumed %s from %s at step %d", objective.name, checkpoint, state.step)
+        state.load_state_dict(saved)
+        if self.ema is not None:
+            self.ema.load(checkpoint / EMA_FILE, self.names)
+        logger.info("resumed %s from %s at step %d", self.objective.name, checkpoint, state.step)
         if state.max_steps and state.max_steps != t.max_steps and state.step >= t.warmup_steps:
             old = dataclasses.replace(t, max_steps=state.max_steps)
-            state.anchor = (state.step, _progress(old, state.anchor, state.step))
+            state.anchor = (state.step, progress(old, state.anchor, state.step))
             logger.info(
                 "max_steps changes from %d to %d: the LR goes on from its value at step %d",
                 state.max_steps,
@@ -270,157 +185,184 @@ def fit(
                 state.step,
             )
         state.max_steps = t.max_steps
-        if main:
-            _truncate_log(out / "log.jsonl", state.step)
+        if self.main:
+            truncate_log(self.out / "log.jsonl", state.step)
 
-    def write_checkpoint() -> None:
-        """Every process writes its part into a temporary folder; the main process then
-        renames it, so a crash mid-write never leaves a broken latest checkpoint."""
-        folder = out / "checkpoints"
-        if main:
-            begin_checkpoint(folder, state.step)
-        accelerator.wait_for_everyone()
-        tmp = folder / f".tmp-checkpoint-{state.step}"
-        accelerator.save_state(str(tmp))
-        state.elapsed_s = time.perf_counter() - started
-        torch.save(state.state_dict(), tmp / f"training_state_{accelerator.process_index}.pt")
-        if main and config is not None:
-            save_run_config(tmp, config)
-        accelerator.wait_for_everyone()
-        if main:
-            commit_checkpoint(folder, state.step, keep=t.keep_checkpoints)
+    @contextlib.contextmanager
+    def signals_caught(self) -> Iterator[None]:
+        """SIGINT/SIGTERM (caught by the main process): checkpoint after this step, then stop."""
 
-    stop = {"signal": None}
+        def on_signal(signum, frame):
+            self.stop_signal = signum
 
-    def on_signal(signum, frame):  # SIGINT/SIGTERM: checkpoint after this step, then exit
-        stop["signal"] = signum
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.signal(s, on_signal) for s in signals} if self.main else {}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
-    previous = (
-        {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    )
+    @contextlib.contextmanager
+    def logs_open(self) -> Iterator[None]:
+        """The JSONL log, TensorBoard (``tensorboard --logdir OUT``) and the progress bar, and
+        the clock, which goes on from a resumed run's."""
+        out, main = self.out, self.main
+        out.mkdir(parents=True, exist_ok=True)
+        self.log_file = open(out / "log.jsonl", "a", encoding="utf-8") if main else None
+        self.board = SummaryWriter(str(out / "tensorboard")) if main else None
+        name, step = self.objective.name, self.state.step
+        self.bar = tqdm(total=self.t.max_steps, initial=step, desc=name, disable=not main)
+        self.started = time.perf_counter() - self.state.elapsed_s
+        try:
+            yield
+        finally:
+            self.bar.close()
+            if self.log_file is not None:
+                self.log_file.close()
+                self.board.close()
 
-    # 4. Steps.
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.jsonl", "a", encoding="utf-8") if main else None
-    board = SummaryWriter(str(out / "tensorboard")) if main else None  # tensorboard --logdir OUT
-    bar = tqdm(total=t.max_steps, initial=state.step, desc=objective.name, disable=not main)
-    started, nonfinite_in_a_row = time.perf_counter() - state.elapsed_s, 0
-    accumulate = (model,) if model is not None else ()
-    try:
-        batches, batches_epoch = [], None
-        while state.step < t.max_steps and stop["signal"] is None:
-            if batches_epoch != state.epoch:  # this process's batches, once per epoch
-                batches_epoch = state.epoch
-                batches = _epoch_batches(
-                    objective.n,
+    def run(self) -> None:
+        """Batches until max_steps or a signal; a non-finite loss skips its step."""
+        while self.state.step < self.t.max_steps and self.stop_signal is None:
+            result, finite = self.optimisation_step(self.next_batch())
+            if not finite:
+                self.skip_nonfinite()
+                continue
+            self.nonfinite_in_a_row = 0
+            if self.accelerator.sync_gradients:
+                self.after_update(result)
+
+    def next_batch(self) -> list[int]:
+        """This process's next batch of dataset indices, in the next epoch when this one is done."""
+        state, t, accelerator = self.state, self.t, self.accelerator
+        while True:
+            if self.batches_epoch != state.epoch:  # this process's batches, once per epoch
+                self.batches_epoch = state.epoch
+                self.batches = epoch_batches(
+                    self.objective.n,
                     state.epoch,
                     t.seed,
                     t.batch_size,
                     accelerator.process_index,
                     accelerator.num_processes,
                 )
-            if state.position >= len(batches):
-                state.epoch, state.position = state.epoch + 1, 0
-                continue
-            indices = batches[state.position]
-            state.position += 1
-            with accelerator.accumulate(*accumulate):
-                result = objective.loss(model, indices, state.generator)
-                loss = result.loss
-                finite = accelerator.gather(torch.isfinite(loss).reshape(1).float()).min() > 0
-                if finite:
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if model is not None:
-                            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                        for part in by_hand:  # not prepared: average them ourselves
-                            _average_gradients(accelerator, part.parameters)
-                            torch.nn.utils.clip_grad_norm_(part.parameters, t.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not finite:  # skipped on every process together
-                state.nonfinite_skipped += 1
-                nonfinite_in_a_row += 1
-                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise FloatingPointError(
-                        f"{nonfinite_in_a_row} non-finite losses in a row at step {state.step}; "
-                        "stopped. The last good checkpoint is intact: lower the learning rate, "
-                        "or use mixed_precision 'bf16' or 'no', and resume with --resume latest"
-                    )
-                continue
-            nonfinite_in_a_row = 0
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            if ema is not None:
-                ema.update(trained_parameters())
-            logged = result.logged if result.logged is not None else result.loss
-            logged = accelerator.gather(logged.detach().reshape(1)).mean().item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{logged:.4f}")
-            if log_file is not None and (
-                state.step % objective.log_every == 0 or state.step == t.max_steps
-            ):
-                _log(log_file, board, state, logged, lr_schedule, started, result.figures)
-            if (
-                state.step % t.checkpoint_every == 0
-                or state.step == t.max_steps
-                or stop["signal"] is not None
-            ):
-                write_checkpoint()
-            if (
-                objective.validate is not None
-                and objective.validate_every
-                and state.step % objective.validate_every == 0
-                and main
-            ):
-                image = _with_ema(ema, trained_parameters(), objective.validate, state.step)
-                if image is not None:
-                    board.add_image("validation", np.asarray(image), state.step, dataformats="HWC")
-    finally:
-        bar.close()
-        if log_file is not None:
-            log_file.close()
-            board.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if stop["signal"] is not None:
-        raise TrainingInterrupted(
-            objective.name, stop["signal"], state.step, latest_checkpoint(out / "checkpoints")
-        )
-    accelerator.wait_for_everyone()
-    if ema is not None:
-        ema.copy_to(trained_parameters())
+            if state.position < len(self.batches):
+                break
+            state.epoch, state.position = state.epoch + 1, 0
+        state.position += 1
+        return self.batches[state.position - 1]
+
+    def optimisation_step(self, indices: list[int]) -> tuple[Step, bool]:
+        """The loss of a batch, and under gradient accumulation its backward pass, clipping and
+        update; a loss that is not finite on any process skips it on every process."""
+        accelerator, t = self.accelerator, self.t
+        with accelerator.accumulate(*((self.model,) if self.model is not None else ())):
+            result = self.objective.loss(self.model, indices, self.state.generator)
+            loss = result.loss
+            finite = bool(accelerator.gather(torch.isfinite(loss).reshape(1).float()).min() > 0)
+            if finite:
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if self.model is not None:
+                        accelerator.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+                    for part in self.by_hand:  # not prepared: average them ourselves
+                        _average_gradients(accelerator, part.parameters)
+                        torch.nn.utils.clip_grad_norm_(part.parameters, t.max_grad_norm)
+                self.optimizer.step()
+                if accelerator.sync_gradients:
+                    self.state.schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return result, finite
+
+    def skip_nonfinite(self) -> None:
+        """Count a skipped step; too many in a row stop the run."""
+        self.state.nonfinite_skipped += 1
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.state.step}; "
+                "stopped. The last good checkpoint is intact: lower the learning rate, "
+                "or use mixed_precision 'bf16' or 'no', and resume with --resume latest"
+            )
+
+    def after_update(self, result: Step) -> None:
+        """After an optimizer update: the EMA, then the log, checkpoint and validation due."""
+        state, t = self.state, self.t
+        state.step += 1
+        if self.ema is not None:
+            self.ema.update(self.trained)
+        logged = result.logged if result.logged is not None else result.loss
+        logged = self.accelerator.gather(logged.detach().reshape(1)).mean().item()
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{logged:.4f}")
+        if self.log_file is not None and (
+            state.step % self.objective.log_every == 0 or state.step == t.max_steps
+        ):
+            _log(self.log_file, self.board, state, logged, self.started, result.figures)
+        if (
+            state.step % t.checkpoint_every == 0
+            or state.step == t.max_steps
+            or self.stop_signal is not None
+        ):
+            self.write_checkpoint()
+        self.validate()
+
+    def write_checkpoint(self) -> None:
+        """Every process writes its part into a temporary folder; the main process then
+        renames it, so a crash mid-write never leaves a broken latest checkpoint."""
+        accelerator, state = self.accelerator, self.state
+        if self.main:
+            begin_checkpoint(self.folder, state.step)
+        accelerator.wait_for_everyone()
+        tmp = self.folder / f".tmp-checkpoint-{state.step}"
+        accelerator.save_state(str(tmp))
+        state.elapsed_s = time.perf_counter() - self.started
+        torch.save(state.state_dict(), tmp / f"training_state_{accelerator.process_index}.pt")
+        if self.main and self.ema is not None:
+            self.ema.save(tmp / EMA_FILE, self.names)
+        if self.main and self.config is not None:
+            save_run_config(tmp, self.config)
+        accelerator.wait_for_everyone()
+        if self.main:
+            commit_checkpoint(self.folder, state.step, keep=self.t.keep_checkpoints)
+
+    def validate(self) -> None:
+        """The objective's validation with the EMA weights, when due (main process only)."""
+        objective, step = self.objective, self.state.step
+        if objective.validate is None or not objective.validate_every or not self.main:
+            return
+        if step % objective.validate_every == 0:
+            image = _with_ema(self.ema, self.trained, objective.validate, step)
+            if image is not None:
+                self.board.add_image("validation", np.asarray(image), step, dataformats="HWC")
+
+    def finish(self) -> None:
+        """Raise `TrainingInterrupted` after a signal; else copy the EMA into the weights."""
+        if self.stop_signal is not None:
+            latest = latest_checkpoint(self.folder)
+            raise TrainingInterrupted(
+                self.objective.name, self.stop_signal, self.state.step, latest
+            )
+        self.accelerator.wait_for_everyone()
+        if self.ema is not None:
+            self.ema.copy_to(self.trained)
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop the records after ``step`` (steps a killed run logged past its last checkpoint,
-    which the resumed run logs again), so that every step appears once."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-
-    def logged_step(line: str) -> float:
-        try:
-            return json.loads(line).get("step", 0)
-        except json.JSONDecodeError:  # a line cut short by the kill
-            return math.inf
-
-    kept = [line for line in lines if line.strip() and logged_step(line) <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(path)
+def _average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """The mean gradient over processes, for modules that Accelerate did not wrap."""
+    if accelerator.num_processes > 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
-def _log(log_file, board, state, loss, lr_schedule, started, figures) -> None:
+def _log(log_file, board, state: TrainingState, loss: float, started: float, figures) -> None:
     """One JSONL record, and its numbers as TensorBoard scalars (a dict figure: one per key)."""
     record = {
         "step": state.step,
         "loss": loss,
-        "lr": lr_schedule.get_last_lr()[0],
+        "lr": state.schedule.get_last_lr()[0],
         "elapsed_s": round(time.perf_counter() - started, 3),
         "nonfinite_skipped": state.nonfinite_skipped,
         **figures,

@@ -43,7 +43,8 @@ from ldm.encoders.text import (
 )
 from ldm.files import follow_umask
 from ldm.images import make_grid, psnr, to_pil
-from ldm.training.loop import Objective, Part, Step, fit, make_accelerator, prepare_run
+from ldm.training.loop import fit, make_accelerator, prepare_run
+from ldm.training.objective import Objective, Part, Step
 
 logger = logging.getLogger(__name__)
 

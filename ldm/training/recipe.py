@@ -142,6 +142,32 @@ def _captions(folder: Path) -> list[str]:
     return [json.loads(line)["text"] for line in lines if line.strip()]
 
 
+class _Stages:
+    """Runs each stage unless its result exists, adding the time it took to ``times.json``
+    (also when a signal stops it, `ldm.errors.TrainingInterrupted`)."""
+
+    def __init__(self, times_file: Path) -> None:
+        self.times_file = times_file
+        self.times = json.loads(times_file.read_text()) if times_file.is_file() else {}
+
+    def run(self, name: str, done: Path, run: Callable[[], object]) -> None:
+        if done.exists():
+            logger.info("%s: done already (%s)", name, done)
+            return
+        start = time.perf_counter()
+        try:
+            run()
+        except TrainingInterrupted:  # stopped by a signal: the time so far still counts
+            self._record(name, time.perf_counter() - start)
+            raise
+        self._record(name, time.perf_counter() - start)
+
+    def _record(self, name: str, seconds: float) -> None:
+        self.times[name] = self.times.get(name, 0.0) + seconds
+        self.times_file.parent.mkdir(parents=True, exist_ok=True)
+        self.times_file.write_text(json.dumps(self.times, indent=2) + "\n")
+
+
 def train_recipe(
     data: str,
     out: str | Path,
@@ -159,55 +185,54 @@ def train_recipe(
     """Run (or resume) every stage into ``out``; returns the exported pipeline folder."""
     out, configs = Path(out), _configs(configs or CONFIG_DIR)
     by_stage = _split_overrides(overrides or [])
-    times_file = out / "times.json"
-    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
-
-    def stage(name: str, done: Path, run: Callable[[], object]) -> None:
-        if done.exists():
-            logger.info("%s: done already (%s)", name, done)
-            return
-        start = time.perf_counter()
-
-        def record() -> None:
-            times[name] = times.get(name, 0.0) + time.perf_counter() - start
-            times_file.parent.mkdir(parents=True, exist_ok=True)
-            times_file.write_text(json.dumps(times, indent=2) + "\n")
-
-        try:
-            run()
-        except TrainingInterrupted:  # stopped by a signal: the time so far still counts
-            record()
-            raise
-        record()
-
+    stages = _Stages(out / "times.json")
     folders = out / "data"
     train_dir, heldout_dir = folders / "train", folders / "heldout"
-    stage(
+    options = dict(resolution=resolution, caption_column=caption_column, heldout=heldout)
+    stages.run(
         "data",
         heldout_dir / "metadata.jsonl",
-        lambda: prepare_data(
-            data,
-            folders,
-            resolution=resolution,
-            caption_column=caption_column,
-            heldout=heldout,
-            seed=seed,
-            n_shapes=n_shapes,
-        ),
+        lambda: prepare_data(data, folders, seed=seed, n_shapes=n_shapes, **options),
     )
     common = [f"data={train_dir}", f"seed={seed}"]
     vae = VAETrainConfig.from_yaml(
         configs / "vae.yaml",
         [*common, f"heldout={heldout_dir}", f"output_dir={out / 'vae'}", *by_stage["vae"]],
     )
-    stage("vae", out / "vae" / "vae", lambda: train_vae(vae, resume="auto", overwrite=True))
+    stages.run("vae", out / "vae" / "vae", lambda: train_vae(vae, resume="auto", overwrite=True))
     clip = CLIPTrainConfig.from_yaml(
         configs / "clip.yaml", [*common, f"output_dir={out / 'clip'}", *by_stage["clip"]]
     )
-    stage(
+    stages.run(
         "clip", out / "clip" / "open_clip", lambda: train_clip(clip, resume="auto", overwrite=True)
     )
+    unet = _unet_config(configs, out, vae, clip, train_dir, resolution, seed, by_stage["unet"])
+    model = out / "unet" / "model"
+    stages.run(
+        "unet", model / "model_index.json", lambda: train(unet, resume="auto", overwrite=True)
+    )
+    stages.run(
+        "eval",
+        out / "eval" / "results.json",
+        lambda: _evaluate(data, model, out / "clip", folders, out / "eval", n_eval, eval_steps),
+    )
+    logger.info("stage times (s): %s", stages.times)
+    return model
 
+
+def _unet_config(
+    configs: Path,
+    out: Path,
+    vae: VAETrainConfig,
+    clip: CLIPTrainConfig,
+    train_dir: Path,
+    resolution: int,
+    seed: int,
+    overrides: list[str],
+) -> TrainConfig:
+    """The U-Net stage's config: ``out/unet.json`` (``configs/unet.json`` sized to the VAE's
+    latents and the text encoder's width) and ``configs/unet.yaml``, validating on 4 seeded
+    training captions."""
     unet_json = json.loads((configs / "unet.json").read_text())
     unet_json["sample_size"] = resolution // 2 ** (len(vae.block_out_channels) - 1)
     unet_json["cross_attention_dim"] = clip.text_width
@@ -216,7 +241,7 @@ def train_recipe(
     captions = _captions(train_dir)
     pick = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed))[:4]
     prompts = [captions[i] for i in sorted(pick.tolist())]
-    unet = TrainConfig.from_yaml(
+    return TrainConfig.from_yaml(
         configs / "unet.yaml",
         [
             f"unet={out / 'unet.json'}",
@@ -227,18 +252,9 @@ def train_recipe(
             f"data.resolution={resolution}",
             f"train.seed={seed}",
             f"validation.prompts={json.dumps(prompts)}",
-            *by_stage["unet"],
+            *overrides,
         ],
     )
-    model = out / "unet" / "model"
-    stage("unet", model / "model_index.json", lambda: train(unet, resume="auto", overwrite=True))
-    stage(
-        "eval",
-        out / "eval" / "results.json",
-        lambda: _evaluate(data, model, out / "clip", folders, out / "eval", n_eval, eval_steps),
-    )
-    logger.info("stage times (s): %s", times)
-    return model
 
 
 def _evaluate(

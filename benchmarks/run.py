@@ -1,0 +1,172 @@
+"""Benchmarks of ldm against diffusers, quoted in docs/benchmarks.md.
+
+    python -m benchmarks.run unet [--preset sd15] [--batch 2] [--size 32] [--repeats 7] [--json out.json]
+    python -m benchmarks.run conv
+    python -m benchmarks.run pipeline
+    python -m benchmarks.run train [--model default]
+    python -m benchmarks.run generate-default
+
+`unet` times one forward pass of our U-Net and of diffusers' UNet2DConditionModel with
+identical weights: on the CPU in fp32 at the given size, and, when CUDA is present, in fp16
+and bf16 at batch 2 and 64x64 latents, eager and under torch.compile. `conv` shows where our
+Conv2d's GEMM path beats torch's convolution on the CPU. Run from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.inference import (
+    CONV_SHAPES,
+    DEFAULT_MODEL_IMAGES,
+    benchmark_conv,
+    benchmark_default_generate,
+    benchmark_pipeline,
+    benchmark_unet,
+)
+from benchmarks.timing import environment
+from benchmarks.training import benchmark_train
+from ldm.config import UNET_PRESETS, UNetConfig, expand_default_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    unet = sub.add_parser("unet", help="our U-Net against diffusers' UNet2DConditionModel")
+    unet.add_argument("--preset", choices=UNET_PRESETS, default="sd15")
+    unet.add_argument("--batch", type=int, default=2)
+    unet.add_argument("--size", type=int, default=32, help="latent size on the CPU (default: 32)")
+    unet.add_argument("--repeats", type=int, default=7)
+    unet.add_argument("--json", help="also write the results to this JSON file")
+    sub.add_parser("conv", help="GFLOP/s of our Conv2d against torch's on the CPU")
+    train = sub.add_parser("train", help="ldm train against a diffusers-style training loop")
+    train.add_argument("--repeats", type=int, default=9)
+    train.add_argument("--steps", type=int, default=30)
+    train.add_argument(
+        "--size", choices=("small", "tiny"), default="small", help="components (default: small)"
+    )
+    train.add_argument(
+        "--model",
+        help="a pipeline folder to train instead, or 'default' for the shipped default model",
+    )
+    default = sub.add_parser(
+        "generate-default",
+        help=f"{DEFAULT_MODEL_IMAGES} images from the shipped model: load + sample + save",
+    )
+    default.add_argument("--repeats", type=int, default=5)
+    pipeline = sub.add_parser("pipeline", help="our pipeline against diffusers' on tiny components")
+    pipeline.add_argument("--repeats", type=int, default=9)
+    return parser
+
+
+def print_unet(result: dict) -> None:
+    size = result["latent_size"]
+    mode = f"{result['device']} {result['dtype']} batch {result['batch']} {size}x{size}"
+    mode += " compiled" if result["compile"] else " eager"
+    for name, t in result["timings"].items():
+        print(f"| {mode} | {name} | {t['median_s']:.3f} | {t['spread']} |")
+    print(
+        f"| {mode} | ours / diffusers | {result['ratio']:.3f} "
+        f"| max abs diff {result['max_abs_diff']:.1e} |"
+    )
+
+
+def run_unet(args: argparse.Namespace, env: dict[str, str]) -> None:
+    config = UNetConfig.preset(args.preset)
+    runs = [dict(batch=args.batch, size=args.size)]
+    if torch.cuda.is_available():
+        runs += [
+            dict(batch=2, size=64, device="cuda", dtype=dtype, compile=compiled)
+            for dtype in (torch.float16, torch.bfloat16)
+            for compiled in (False, True)
+        ]
+    print("| run | model | median s | spread (min/max) |")
+    print("|---|---|---:|---|")
+    results = []
+    for run in runs:
+        results.append(benchmark_unet(config, repeats=args.repeats, **run))
+        print_unet(results[-1])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "preset": args.preset, "results": results}, f, indent=2)
+
+
+def run_conv(args: argparse.Namespace, env: dict[str, str]) -> None:
+    print("| C_in -> C_out | size | stride | GEMM path | torch GFLOP/s | ours GFLOP/s |")
+    print("|---|---:|---:|---|---:|---:|")
+    for r in benchmark_conv(CONV_SHAPES):
+        print(
+            f"| {r['c_in']} -> {r['c_out']} | {r['size']} | {r['stride']} | {r['gemm_path']} "
+            f"| {r['torch_gflops']:.0f} | {r['ours_gflops']:.0f} |"
+        )
+
+
+def run_train(args: argparse.Namespace, env: dict[str, str]) -> None:
+    model = expand_default_model(args.model)
+    r = benchmark_train(steps=args.steps, repeats=args.repeats, size=args.size, model=model)
+    print(
+        f"{r['model']}, {r['resolution']} px, batch {r['batch']}, CPU; "
+        f"median s/step of {args.repeats} runs"
+    )
+    print("| loop | s / step | runs |")
+    print("|---|---:|---|")
+    for name, median in r["seconds_per_step"].items():
+        print(f"| {name} | {median:.4f} | {', '.join(f'{x:.4f}' for x in r['all'][name])} |")
+    print(f"| steps/s, ours / reference | {r['ratio_steps_per_s']:.3f} | |")
+    print(f"| steps/s, ours cached / reference | {r['ratio_steps_per_s_cached']:.3f} | |")
+    print(f"| steps/s, ours with EMA / reference | {r['ratio_steps_per_s_ema']:.3f} | |")
+
+
+def run_generate_default(args: argparse.Namespace, env: dict[str, str]) -> None:
+    r = benchmark_default_generate(repeats=args.repeats)
+    print(
+        f"shipped default model, {r['images']} images, {r['sampler'].upper()} {r['steps']} steps, "
+        f"guidance {r['guidance_scale']}, fresh process each run"
+    )
+    print("| what | median s | runs |")
+    print("|---|---:|---|")
+    for name, key in (
+        ("import + load + sample + save", "load_sample_save_s"),
+        (f"whole `ldm generate ... --n {r['images']}` command", "ldm_generate_s"),
+    ):
+        runs = ", ".join(f"{x:.2f}" for x in r[key])
+        print(f"| {name} | {r['median_' + key]:.2f} | {runs} |")
+
+
+def run_pipeline(args: argparse.Namespace, env: dict[str, str]) -> None:
+    r = benchmark_pipeline(repeats=args.repeats)
+    print(
+        f"tiny SD components, {r['sampler'].upper()} {r['steps']} steps, "
+        f"guidance {r['guidance_scale']}, batch {r['batch']}, CPU"
+    )
+    print("| pipeline | median s | spread (min/max) |")
+    print("|---|---:|---|")
+    for name, t in r["timings"].items():
+        print(f"| {name} | {t['median_s']:.4f} | {t['spread']} |")
+    print(f"| ours / diffusers | {r['ratio']:.3f} | max abs pixel diff {r['max_abs_diff']:.1e} |")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], None]] = {
+    "unet": run_unet,
+    "conv": run_conv,
+    "train": run_train,
+    "generate-default": run_generate_default,
+    "pipeline": run_pipeline,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    env = environment()
+    print("# " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    COMMANDS[args.what](args, env)
+
+
+if __name__ == "__main__":
+    main()
