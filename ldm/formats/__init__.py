@@ -1,1 +1,2 @@
-"""ldm.formats."""
+"""Weight formats: the names of original Stable Diffusion (CompVis) files, and reading and writing
+those single files."""

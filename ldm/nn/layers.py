@@ -12,7 +12,7 @@ class Conv2d(nn.Conv2d):
     as one matrix product over unfolded patches (im2col).
 
     oneDNN runs a 1280-channel 3x3 convolution of a 4x4 map at about 30 GFLOP/s on two cores,
-    and the same maths as one GEMM at about 90 (scripts/benchmark.py conv). The switch is
+    and the same maths as one GEMM at about 90 (python -m benchmarks.run conv). The switch is
     made where that was measured to pay: C_in * C_out >= 1280^2 and N = B * h_out * w_out <= 128.
     Elsewhere, and on other devices, it is the plain convolution. Results agree to float rounding.
     """
