@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import math
 
-from ldm.cli.options import DEFAULT, help_when_shown
+from ldm.cli.options import DEFAULT
 from ldm.config import GENERATION, UNET_PRESETS, SchedulerConfig
+from ldm.config.generation import MAX_BATCH
 from ldm.config.names import BETA_SCHEDULES, SAMPLER_NAMES, TIMESTEP_SPACINGS
 
 DTYPES = {
@@ -132,8 +133,12 @@ def _add_sampling_arguments(generate: argparse.ArgumentParser) -> None:
 
 
 def _add_output_arguments(generate: argparse.ArgumentParser) -> None:
-    batch_size = generate.add_argument("--batch-size", type=int)
-    help_when_shown(batch_size, _batch_size_help)
+    generate.add_argument(
+        "--batch-size",
+        type=int,
+        help="images sampled at once; each is written as its batch finishes (default: the "
+        f"most that fits half the free memory, at most {MAX_BATCH})",
+    )
     generate.add_argument(
         "--max-memory",
         help="refuse requests whose estimated working memory exceeds this, e.g. 4GB "
@@ -148,15 +153,6 @@ def _add_output_arguments(generate: argparse.ArgumentParser) -> None:
     )
     generate.add_argument(
         "--dtype", choices=sorted(DTYPES), help="(default: float16 on cuda, float32 otherwise)"
-    )
-
-
-def _batch_size_help() -> str:
-    from ldm.pipeline.request import MAX_BATCH  # loads the pipeline: only for `--help`
-
-    return (
-        "images sampled at once; each is written as its batch finishes (default: the "
-        f"most that fits half the free memory, at most {MAX_BATCH})"
     )
 
 

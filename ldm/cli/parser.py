@@ -12,17 +12,10 @@ FAMILIES = (generate, train, data, evaluate)
 
 
 class Parser(argparse.ArgumentParser):
-    """An `argparse.ArgumentParser` whose errors are one line (no usage block), exit 2, and
-    whose help texts left to `ldm.cli.options.help_when_shown` are made when it is shown."""
+    """An `argparse.ArgumentParser` whose errors are one line (no usage block), exit 2."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-    def format_help(self) -> str:
-        for action in self._actions:
-            if make_help := getattr(action, "make_help", None):
-                action.help = make_help()
-        return super().format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,3 +28,5 @@ class GenerationDefaults:
 
 
 GENERATION = GenerationDefaults()
+# `ldm generate`'s default --batch-size is the most that fits the memory, at most this
+MAX_BATCH = 8

@@ -18,10 +18,10 @@ from PIL import Image, UnidentifiedImageError
 
 from ldm import images as imaging
 from ldm.config import GENERATION, SchedulerConfig
+from ldm.config.generation import MAX_BATCH
 from ldm.config.names import SAMPLER_NAMES, SamplerName
 from ldm.pipeline.checks import DEFAULT_SAMPLE_SIZE, MAX_SEED
 
-MAX_BATCH = 8  # the default --batch-size is the most that fits the memory, at most this
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
