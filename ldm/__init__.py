@@ -26,7 +26,7 @@ _LAZY = {
     "GenerationResult": "ldm.pipeline",
     "UNet": "ldm.nn.unet",
     "NoiseSchedule": "ldm.diffusion.schedule",
-    "SAMPLERS": "ldm.diffusion.samplers",
+    "SAMPLERS": "ldm.diffusion.registry",
     "guided_eps_fn": "ldm.diffusion.samplers",
     "gaussian_model_fn": "ldm.diffusion.analytic",
     "train": "ldm.training.denoiser",

@@ -5,7 +5,9 @@ Diffusion web UIs read and write::
 
     a red circle on a blue background
     Negative prompt: blurry
-    Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: shapes
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: shapes
+
+Samplers and schedules go by A1111's names (`ldm.config.names.A1111_SAMPLERS`).
 
 The chunk is tEXt when the text is Latin-1 and iTXt (UTF-8) otherwise. Files are created
 exclusively and atomically: an existing file is never overwritten, and a killed write
@@ -25,10 +27,11 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
+from ldm.config.names import A1111_SAMPLERS, A1111_SCHEDULES, SIGMA_SAMPLERS
+
 PARAMETERS_KEY = "parameters"
 # One "Key: value" of the settings line; a value in double quotes is JSON (as the web UIs quote).
 FIELD = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM"}
 
 
 def to_unit_range(images: Tensor) -> Tensor:
@@ -92,7 +95,12 @@ def format_parameters(p: dict) -> str:
         lines.append(f"Negative prompt: {p['negative_prompt']}")
     fields = [
         f"Steps: {p['steps']}",
-        f"Sampler: {SAMPLER_NAMES.get(p['sampler'], p['sampler'])}",
+        f"Sampler: {A1111_SAMPLERS.get(p['sampler'], p['sampler'])}",
+        *(
+            [f"Schedule type: {A1111_SCHEDULES.get(p['sigmas'], p['sigmas'])}"]
+            if p.get("sigmas") and p["sampler"] in SIGMA_SAMPLERS
+            else []
+        ),
         f"CFG scale: {p['guidance_scale']:g}",
         f"Seed: {p['seed']}",
         f"Size: {p['width']}x{p['height']}",
@@ -123,12 +131,14 @@ def parse_parameters(text: str) -> dict:
     if body and body[-1].startswith("Negative prompt: "):
         negative = body.pop().removeprefix("Negative prompt: ")
     width, height = (int(v) for v in fields["Size"].split("x"))
-    samplers = {v: k for k, v in SAMPLER_NAMES.items()}
+    samplers = {v: k for k, v in A1111_SAMPLERS.items()}
+    schedules = {v: k for k, v in A1111_SCHEDULES.items()}  # "Automatic": the sampler's own
     record = {
         "prompt": "\n".join(body),
         "negative_prompt": negative,
         "steps": int(fields["Steps"]),
-        "sampler": samplers.get(fields["Sampler"], fields["Sampler"].lower()),
+        "sampler": samplers.get(fields["Sampler"], fields["Sampler"]),
+        "sigmas": schedules.get(fields.get("Schedule type")),
         "guidance_scale": float(fields["CFG scale"]),
         "seed": int(fields["Seed"]),
         "width": width,

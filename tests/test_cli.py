@@ -6,7 +6,7 @@ import pytest
 
 from ldm import __version__
 from ldm.cli import main
-from ldm.diffusion.samplers import make_timesteps
+from ldm.diffusion.schedule import make_timesteps
 from ldm.diffusion.schedule import NoiseSchedule
 
 

@@ -166,7 +166,7 @@ def test_ddim_inversion_reconstructs_the_latents(tiny_pipe):
         (dict(prompt=[]), "prompt is an empty list"),
         (dict(seed=[1, 2]), "got 2 seeds for 1 images"),
         (dict(generator=[torch.Generator(), torch.Generator()]), "got 2 generators for 1 images"),
-        (dict(sampler="euler"), "unknown sampler 'euler'; allowed: ddim, ddpm"),
+        (dict(sampler="euler b"), "unknown sampler 'euler b'; allowed: ddim, ddpm, euler, "),
         (dict(output_type="jpg"), "unknown output_type 'jpg'"),
         (
             dict(latents=torch.zeros(1, 4, 8, 8)),
@@ -202,7 +202,7 @@ def test_from_pretrained_errors(tmp_path):
 
 
 def test_parameters_text_round_trip_and_png_chunks(tmp_path):
-    record = {"prompt": "a red circle", "negative_prompt": "blurry", "seed": 7, "sampler": "ddim", "steps": 20,
+    record = {"prompt": "a red circle", "negative_prompt": "blurry", "seed": 7, "sampler": "ddim", "sigmas": None, "steps": 20,
               "guidance_scale": 7.5, "eta": 0.0, "width": 64, "height": 32, "strength": 0.6, "model": "tiny"}  # fmt: skip
     text = imaging.format_parameters(record)
     assert text == (
@@ -210,6 +210,12 @@ def test_parameters_text_round_trip_and_png_chunks(tmp_path):
         "Steps: 20, Sampler: DDIM, CFG scale: 7.5, Seed: 7, Size: 64x32, Model: tiny, Denoising strength: 0.6"
     )
     assert imaging.parse_parameters(text) == record
+    karras = record | {"sampler": "dpmpp_2m", "sigmas": "karras"}
+    karras_text = imaging.format_parameters(karras)
+    assert "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5" in karras_text
+    assert imaging.parse_parameters(karras_text) == karras
+    old_a1111 = karras_text.replace("Sampler: DPM++ 2M, Schedule type: Karras", "Sampler: DPM++ 2M Karras")
+    assert imaging.parse_parameters(old_a1111)["sampler"] == "DPM++ 2M Karras"  # resolved later
     image = Image.new("RGB", (4, 4))
     imaging.save_png(image, tmp_path / "latin.png", text)
     unicode_text = imaging.format_parameters(
@@ -253,7 +259,7 @@ def test_generate_command_writes_pngs_manifest_and_never_overwrites(tiny_sd_dir,
         "00004-6.png",
     ]
     assert manifest[0] | {"file": None} == {
-        "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 5, "sampler": "ddim", "steps": 4, "guidance_scale": 7.5,
+        "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 5, "sampler": "ddim", "sigmas": None, "steps": 4, "guidance_scale": 7.5,
         "eta": 0.0, "width": 32, "height": 32, "strength": None, "init_image": None, "init_sha256": None, "model": tiny_sd_dir.name, "file": None,
     }  # fmt: skip
     settings = imaging.parse_parameters(imaging.read_parameters(out / "00001-6.png"))

@@ -6,9 +6,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ldm.diffusion.analytic import MomentErrors, gaussian_model_fn
+from ldm.diffusion.registry import img2img_start
 from ldm.diffusion.samplers import (
     guided_eps_fn,
-    img2img_start,
     invert_ddim,
     make_timesteps,
     sample_ddim,
@@ -515,7 +515,7 @@ def test_per_sample_generators_make_each_sample_reproducible_alone():
 
 def test_samplers_table_holds_every_sampler_name_once():
     from ldm.config.names import SAMPLER_NAMES
-    from ldm.diffusion.samplers import SAMPLERS, sample_ddim, sample_ddpm
+    from ldm.diffusion.registry import SAMPLERS
 
     assert tuple(SAMPLERS) == SAMPLER_NAMES
     assert SAMPLERS["ddim"] is sample_ddim and SAMPLERS["ddpm"] is sample_ddpm

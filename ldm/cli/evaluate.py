@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ldm.cli.options import DEFAULT, add_caption_column, add_resolution, add_seed
 from ldm.config import GENERATION, expand_default_model
-from ldm.config.names import SAMPLER_NAMES
+from ldm.config.names import SAMPLER_NAMES, SIGMA_SCHEDULES
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -28,8 +28,9 @@ def _add_eval_shapes(subparsers: argparse._SubParsersAction) -> None:
     evaluation.add_argument("--n", type=int, default=200, help=f"images per setting {DEFAULT}")
     add_seed(evaluation)
     evaluation.add_argument(
-        "--sampler", choices=SAMPLER_NAMES, default=GENERATION.sampler, help=DEFAULT
+        "--sampler", default=GENERATION.sampler, help=f"{', '.join(SAMPLER_NAMES)} {DEFAULT}"
     )
+    evaluation.add_argument("--sigmas", choices=SIGMA_SCHEDULES, help="(default: the sampler's own)")
     evaluation.add_argument(
         "--steps", type=int, default=GENERATION.num_inference_steps, help=DEFAULT
     )
@@ -85,7 +86,7 @@ def eval_shapes_command(args: argparse.Namespace) -> None:
     settings = (
         DEFAULT_SETTINGS
         if args.sweep
-        else [EvalSetting(args.sampler, args.steps, args.guidance_scale)]
+        else [EvalSetting(args.sampler, args.steps, args.guidance_scale, args.sigmas)]
     )
     results = evaluate(pipe, n=args.n, settings=settings, seed=args.seed, out_dir=args.out)
     print(format_table(results))

@@ -9,7 +9,7 @@ import math
 from ldm.cli.options import DEFAULT
 from ldm.config import GENERATION, UNET_PRESETS, SchedulerConfig
 from ldm.config.generation import MAX_BATCH
-from ldm.config.names import BETA_SCHEDULES, SAMPLER_NAMES, TIMESTEP_SPACINGS
+from ldm.config.names import BETA_SCHEDULES, SAMPLER_NAMES, SIGMA_SCHEDULES, TIMESTEP_SPACINGS
 
 DTYPES = {
     "float32": "float32",
@@ -115,7 +115,14 @@ def _add_sampling_arguments(generate: argparse.ArgumentParser) -> None:
         help=f"classifier-free guidance scale; 1 = none (default: {GENERATION.guidance_scale:g})",
     )
     generate.add_argument(
-        "--sampler", choices=SAMPLER_NAMES, help=f"(default: {GENERATION.sampler})"
+        "--sampler",
+        help=f"{', '.join(SAMPLER_NAMES)}, or A1111's name (\"DPM++ 2M Karras\", \"Euler a\") "
+        f"(default: {GENERATION.sampler})",
+    )
+    generate.add_argument(
+        "--sigmas",
+        choices=SIGMA_SCHEDULES,
+        help="noise levels of the sigma-space samplers (default: the sampler's own)",
     )
     generate.add_argument(
         "--eta",
@@ -190,7 +197,7 @@ def schedule_command(args: argparse.Namespace) -> None:
             f"--steps {args.steps} is not allowed; use 1 to --num-train-timesteps "
             f"({args.num_train_timesteps})"
         )
-    from ldm.diffusion.samplers import make_timesteps
+    from ldm.diffusion.schedule import make_timesteps
     from ldm.diffusion.schedule import NoiseSchedule
 
     schedule = NoiseSchedule(
@@ -227,6 +234,7 @@ def generate_command(args: argparse.Namespace) -> None:
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         sampler=args.sampler,
+        sigmas=args.sigmas,
         eta=args.eta,
         seed=args.seed,
         n=args.n,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ldm.config.names import SamplerName
+from ldm.config.names import SigmaScheduleName
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,8 @@ class GenerationDefaults:
     """What an image is made with when nothing else is said (diffusers' and A1111's defaults).
 
     ``num_inference_steps``: sampler steps. ``guidance_scale``: classifier-free guidance, 1
-    means none. ``sampler``: one of `ldm.SAMPLERS`. ``eta``: DDIM's noise, 0 deterministic.
+    means none. ``sampler``: one of `ldm.SAMPLERS` (or A1111's name for it); ``sigmas``: its noise levels,
+    None for the sampler's own (`AUTOMATIC_SIGMAS`, else ``default``). ``eta``: DDIM's noise, 0 deterministic.
     ``strength``: image-to-image, the share of the schedule that is re-run (0 keeps the image,
     1 ignores it). ``negative_prompt``: the prompt guidance steers away from; "" is the one
     that caption dropout trains on.
@@ -21,12 +22,15 @@ class GenerationDefaults:
 
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
-    sampler: SamplerName = "ddim"
+    sampler: str = "ddim"
+    sigmas: SigmaScheduleName | None = None
     eta: float = 0.0
     strength: float = 0.8
     negative_prompt: str = ""
 
 
 GENERATION = GenerationDefaults()
+# A sampler's noise levels when none are asked for (A1111's "Automatic" schedule type)
+AUTOMATIC_SIGMAS: dict[str, str] = {}
 # `ldm generate`'s default --batch-size is the most that fits the memory, at most this
 MAX_BATCH = 8

@@ -243,7 +243,7 @@ class SchedulerConfig:
 
     @property
     def spacing(self) -> dict[str, Any]:
-        """How sampling timesteps are chosen: keyword arguments of `ldm.diffusion.samplers.make_timesteps`
+        """How sampling timesteps are chosen: keyword arguments of `ldm.diffusion.schedule.make_timesteps`
         and of everything that calls it."""
         return {"timestep_spacing": self.timestep_spacing, "steps_offset": self.steps_offset}
 

@@ -17,62 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ldm.config.names import TIMESTEP_SPACINGS, VARIANCE_TYPES, TimestepSpacing, VarianceType
-from ldm.diffusion.schedule import NoiseSchedule, split_prediction
+from ldm.config.names import SIGMA_SAMPLERS, VARIANCE_TYPES, TimestepSpacing, VarianceType
+from ldm.diffusion.schedule import NoiseSchedule, make_timesteps, split_prediction
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 ConditionalModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-# ----------------------------------------------------------------------------- timesteps
-
-
-def make_timesteps(
-    num_steps: int,
-    num_train_timesteps: int,
-    *,
-    timestep_spacing: TimestepSpacing = "leading",
-    steps_offset: int = 1,
-) -> Tensor:
-    """The descending timesteps a sampler visits, shape (num_steps,), int64 in [0, T).
-
-    With N = num_steps and T = num_train_timesteps, as diffusers' schedulers compute them:
-
-    - ``leading``: t_i = i * (T // N) + steps_offset for i = N-1 ... 0 (Stable Diffusion).
-    - ``trailing``: t_i = round(T - i * T / N) - 1 for i = 0 ... N-1; starts at T-1
-      (Lin et al. 2024, table 2). Computed in exact integers with halves rounded up, where
-      diffusers' floating-point ``np.arange`` breaks such ties either way (so it differs by 1
-      at a few timesteps) and for 62 values of N <= 1000 (61, 103, ...) returns N + 1.
-    - ``linspace``: N values evenly spaced over [0, T-1], rounded.
-
-    ``steps_offset`` applies to ``leading`` only, as in diffusers. Values are clamped to T-1,
-    so ``leading`` with an offset and N = T visits 999 twice rather than indexing past the end.
-    """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-        raise ValueError(f"num_steps must be an integer, got {num_steps!r}")
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(
-            f"num_steps must be between 1 and num_train_timesteps={num_train_timesteps}, "
-            f"got {num_steps}"
-        )
-    T, N = num_train_timesteps, int(num_steps)
-    if timestep_spacing == "leading":
-        timesteps = np.arange(N - 1, -1, -1, dtype=np.int64) * (T // N) + steps_offset
-    elif timestep_spacing == "trailing":
-        # round(T (N - i) / N) - 1 in exact integers, halves rounded up
-        timesteps = (2 * T * np.arange(N, 0, -1, dtype=np.int64) + N) // (2 * N) - 1
-    elif timestep_spacing == "linspace":
-        timesteps = np.linspace(0, T - 1, N).round()[::-1].astype(np.int64)
-    else:
-        raise ValueError(
-            f"unknown timestep_spacing {timestep_spacing!r}; allowed: {', '.join(TIMESTEP_SPACINGS)}"
-        )
-    return torch.from_numpy(np.clip(timesteps, 0, T - 1).copy())
 
 
 def _alpha_bars(
@@ -89,7 +42,17 @@ def _alpha_bars(
     return alpha_bar, alpha_bar_prev
 
 
-def _check_start_step(start_step: int, num_steps: int) -> None:
+def check_timestep_sampler(name: str, sigmas) -> None:
+    """DDIM and DDPM visit training timesteps: only the spacing's (``sigmas="default"``)."""
+    if not (isinstance(sigmas, str) and sigmas == "default"):
+        raise ValueError(
+            f"the {name} sampler visits the timesteps of its spacing, so sigmas must be "
+            f"'default', got {sigmas!r}; Karras or exponential sigmas need a sigma-space "
+            f"sampler ({', '.join(SIGMA_SAMPLERS)})"
+        )
+
+
+def check_start_step(start_step: int, num_steps: int) -> None:
     if not 0 <= start_step <= num_steps:
         raise ValueError(
             f"start_step must be between 0 and num_steps={num_steps}, got {start_step}"
@@ -115,11 +78,11 @@ def randn_like(x: Tensor, generator: Generators) -> Tensor:
     return noise.to(x.device)
 
 
-def _steps(start_step: int, num_steps: int, progress: bool, desc: str):
+def step_range(start_step: int, num_steps: int, progress: bool, desc: str):
     return tqdm(range(start_step, num_steps), desc=desc, disable=not progress, leave=False)
 
 
-def _on(values: Tensor, x: Tensor) -> Tensor:
+def on_sample(values: Tensor, x: Tensor) -> Tensor:
     """float64 coefficients, cast once to the sample's dtype and device."""
     return values.to(device=x.device, dtype=x.dtype)
 
@@ -149,6 +112,7 @@ def sample_ddim(
     *,
     eta: float = 0.0,
     generator: Generators = None,
+    sigmas: str = "default",
     progress: bool = False,
     timestep_spacing: TimestepSpacing = "leading",
     steps_offset: int = 1,
@@ -167,13 +131,14 @@ def sample_ddim(
     """
     if not 0 <= eta < float("inf"):
         raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    check_timestep_sampler("ddim", sigmas)
     timesteps = make_timesteps(
         num_steps,
         schedule.num_train_timesteps,
         timestep_spacing=timestep_spacing,
         steps_offset=steps_offset,
     )
-    _check_start_step(start_step, num_steps)
+    check_start_step(start_step, num_steps)
     final = 1.0 if set_alpha_to_one else float(schedule.alphas_cumprod64[0])
     a_t, a_prev = _alpha_bars(schedule, timesteps, final)  # (N,) float64
     # DDIM eq. (16): sigma_t(eta)^2 = eta^2 (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)
@@ -181,12 +146,12 @@ def sample_ddim(
     dir_coef = (1 - a_prev - sigma**2).clamp(min=0).sqrt()  # "direction pointing to x_t"
     sqrt_a, sqrt_1m_a, sqrt_a_prev = a_t.sqrt(), (1 - a_t).sqrt(), a_prev.sqrt()
     sqrt_a, sqrt_1m_a, sqrt_a_prev, dir_coef, sigma = (
-        _on(c, x_T) for c in (sqrt_a, sqrt_1m_a, sqrt_a_prev, dir_coef, sigma)
+        on_sample(c, x_T) for c in (sqrt_a, sqrt_1m_a, sqrt_a_prev, dir_coef, sigma)
     )
     t_all = timesteps.to(x_T.device)
     clip_range = clip_sample_range if clip_sample else None
     x = x_T
-    for i in _steps(start_step, num_steps, progress, "DDIM"):
+    for i in step_range(start_step, num_steps, progress, "DDIM"):
         t = t_all[i].expand(x.shape[0])  # (B,)
         x0, eps = _denoise(model_fn, x, t, sqrt_a[i], sqrt_1m_a[i], schedule, clip_range)
         x = sqrt_a_prev[i] * x0 + dir_coef[i] * eps  # DDIM eq. (12)
@@ -199,9 +164,10 @@ def sample_ddpm(
     model_fn: ModelFn,
     schedule: NoiseSchedule,
     x_T: Tensor,
-    *,
     num_steps: int | None = None,
+    *,
     generator: Generators = None,
+    sigmas: str = "default",
     progress: bool = False,
     variance_type: VarianceType = "fixed_small",
     timestep_spacing: TimestepSpacing = "leading",
@@ -218,6 +184,7 @@ def sample_ddpm(
     step goes to alpha_bar = 1 and adds no noise. The noise variance is the posterior's
     beta-tilde (``fixed_small``, DDPM eq. 7) or beta (``fixed_large``).
     """
+    check_timestep_sampler("ddpm", sigmas)
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(
             f"unknown variance_type {variance_type!r}; allowed: {', '.join(VARIANCE_TYPES)}"
@@ -230,7 +197,7 @@ def sample_ddpm(
         timesteps = make_timesteps(
             num_steps, T, timestep_spacing=timestep_spacing, steps_offset=steps_offset
         )
-    _check_start_step(start_step, num_steps)
+    check_start_step(start_step, num_steps)
     a_t, a_prev = _alpha_bars(schedule, timesteps, 1.0)  # (N,) float64
     alpha = a_t / a_prev  # alpha_t of the (possibly strided) step
     beta = 1 - alpha
@@ -240,22 +207,18 @@ def sample_ddpm(
     variance = (1 - a_prev) / (1 - a_t) * beta if variance_type == "fixed_small" else beta
     adds_noise = ((a_prev < 1.0) & (variance > 0)).tolist()  # host-side, before the loop
     sqrt_a, sqrt_1m_a, coef_x0, coef_xt, std = (
-        _on(c, x_T) for c in (a_t.sqrt(), (1 - a_t).sqrt(), coef_x0, coef_xt, variance.sqrt())
+        on_sample(c, x_T) for c in (a_t.sqrt(), (1 - a_t).sqrt(), coef_x0, coef_xt, variance.sqrt())
     )
     t_all = timesteps.to(x_T.device)
     clip_range = clip_sample_range if clip_sample else None
     x = x_T
-    for i in _steps(start_step, num_steps, progress, "DDPM"):
+    for i in step_range(start_step, num_steps, progress, "DDPM"):
         t = t_all[i].expand(x.shape[0])  # (B,)
         x0, _ = _denoise(model_fn, x, t, sqrt_a[i], sqrt_1m_a[i], schedule, clip_range)
         x = coef_x0[i] * x0 + coef_xt[i] * x  # posterior mean, DDPM eq. (7)
         if adds_noise[i]:
             x = x + std[i] * randn_like(x, generator)  # Algorithm 2, line 4
     return x
-
-
-# name -> sampler: the names of `ldm.config.names.SAMPLER_NAMES`, in their order
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddim": sample_ddim, "ddpm": sample_ddpm}
 
 
 # ----------------------------------------------------------------------------- guidance
@@ -299,42 +262,7 @@ def guided_eps_fn(
     return fn
 
 
-# ----------------------------------------------------------------------------- img2img, inversion
-
-
-def img2img_start(
-    schedule: NoiseSchedule,
-    x0: Tensor,
-    noise: Tensor,
-    num_steps: int,
-    strength: float,
-    *,
-    timestep_spacing: TimestepSpacing = "leading",
-    steps_offset: int = 1,
-) -> tuple[Tensor, int]:
-    """Where image-to-image sampling starts: returns (x_start, start_step).
-
-    With N = num_steps, strength s in [0, 1] runs the last round(s * N) of the N scheduled
-    steps (halves round up). x_start is x0 noised to the first of them by q(x_t | x0);
-    s = 1 starts from pure noise (x_start = noise), s = 0 runs no step (x_start = x0).
-    Pass both values on to ``sample_ddim``/``sample_ddpm`` with the same spacing.
-    """
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-    timesteps = make_timesteps(
-        num_steps,
-        schedule.num_train_timesteps,
-        timestep_spacing=timestep_spacing,
-        steps_offset=steps_offset,
-    )
-    steps_run = int(strength * num_steps + 0.5)
-    start_step = num_steps - steps_run
-    if steps_run == num_steps:
-        return noise, start_step
-    if steps_run == 0:
-        return x0, start_step
-    t = timesteps[start_step].to(x0.device).expand(x0.shape[0])  # (B,)
-    return schedule.add_noise(x0, noise, t), start_step
+# ----------------------------------------------------------------------------- inversion
 
 
 def invert_ddim(
@@ -375,7 +303,7 @@ def invert_ddim(
     ratio = (a_t / a_prev).sqrt()
     coef_x, coef_eps = ratio, (1 - a_t).sqrt() - ratio * (1 - a_prev).sqrt()
     sqrt_a, sqrt_1m_a, coef_x, coef_eps = (
-        _on(c, x0) for c in (a_t.sqrt(), (1 - a_t).sqrt(), coef_x, coef_eps)
+        on_sample(c, x0) for c in (a_t.sqrt(), (1 - a_t).sqrt(), coef_x, coef_eps)
     )
     t_all = timesteps.to(x0.device)
     x = x0

@@ -9,6 +9,8 @@ Notation (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM"; see docs/sampling.md
     SNR(t)               alpha_bar_t / (1 - alpha_bar_t)
     x0, x_t, eps         clean sample, noisy sample, standard Gaussian noise
     v                    sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x0 (Salimans & Ho 2022)
+    sigma_t              sqrt((1 - alpha_bar_t) / alpha_bar_t): the noise level of
+                         x_t / sqrt(alpha_bar_t) = x0 + sigma_t eps (Karras et al. 2022, eq. 1 ff.)
 
 The maths runs in float64; the tensors used in training are stored as float32, and the
 float64 master copy `alphas_cumprod64` is what samplers build their coefficients from.
@@ -18,13 +20,27 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ldm.config.model import SchedulerConfig
-from ldm.config.names import BETA_SCHEDULES, PREDICTION_TYPES, BetaSchedule, PredictionType
+from ldm.config.names import (
+    BETA_SCHEDULES,
+    PREDICTION_TYPES,
+    SIGMA_SCHEDULES,
+    TIMESTEP_SPACINGS,
+    BetaSchedule,
+    PredictionType,
+    SigmaScheduleName,
+    TimestepSpacing,
+)
 
 SD = SchedulerConfig()  # Stable Diffusion 1.5's schedule: the defaults below
+# In sigma space a zero terminal alpha_bar (sigma = inf) stands in as 2**-24 (sigma = 4096), as
+# diffusers' Euler, DPM-Solver and UniPC schedulers set it.
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. (5)
 
 
 def make_betas(
@@ -191,3 +207,154 @@ class NoiseSchedule:
         """Turn a network output at timesteps t (B,) into (x0_pred, eps_pred)."""
         sqrt_ab, sqrt_1m_ab = self._coefficients(t, x_t)
         return split_prediction(pred, x_t, sqrt_ab, sqrt_1m_ab, self.prediction_type)
+
+    # ------------------------------------------------------------------ sigma space
+
+    @property
+    def sigmas64(self) -> Tensor:
+        """sigma_t at t = 0 ... T-1, float64 (T,), increasing; a zero terminal alpha_bar counts
+        as `ZERO_SNR_ALPHA_BAR`."""
+        alpha_bar = self.alphas_cumprod64.clone()
+        if alpha_bar[-1] == 0:
+            alpha_bar[-1] = ZERO_SNR_ALPHA_BAR
+        return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """The fractional timestep of each noise level: log sigma interpolated linearly between
+        the two training timesteps around it, clamped to [0, T-1] (k-diffusion's and diffusers'
+        ``_sigma_to_t``). Exact at the training sigmas; float64, shape of sigma."""
+        log_sigmas = self.sigmas64.log()
+        log_sigma = sigma.double().clamp(min=1e-10).log()
+        low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
+        w = ((log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])).clamp(0, 1)
+        return low + w
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        """The inverse of `sigma_to_t`: sigma at (fractional) timesteps t in [0, T-1], log sigma
+        interpolated linearly; float64, shape of t."""
+        log_sigmas = self.sigmas64.log()
+        t = t.double().clamp(0, len(log_sigmas) - 1)
+        low = t.floor().long().clamp(max=len(log_sigmas) - 2)
+        w = t - low
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+
+    def alpha_bar_at(self, t: Tensor) -> Tensor:
+        """alpha_bar at timesteps t (B,): indexed for integer t, through `t_to_sigma` for
+        fractional t (alpha_bar = 1 / (1 + sigma^2)); float64."""
+        if t.dtype in (torch.int32, torch.int64):
+            return self.alphas_cumprod64.to(t.device)[t]
+        return 1 / (1 + self.t_to_sigma(t.cpu()) ** 2).to(t.device)
+
+
+def karras_sigmas(sigma_max: float, sigma_min: float, n: int, rho: float = KARRAS_RHO) -> Tensor:
+    """Karras et al. 2022, eq. (5): n noise levels from sigma_max down to sigma_min, evenly
+    spaced in sigma^(1/rho); float64 (n,)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (inv_max + ramp * (inv_min - inv_max)) ** rho
+
+
+def exponential_sigmas(sigma_max: float, sigma_min: float, n: int) -> Tensor:
+    """n noise levels from sigma_max down to sigma_min, evenly spaced in log sigma (k-diffusion's
+    ``get_sigmas_exponential``); float64 (n,)."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+
+
+def sigma_steps(
+    schedule: NoiseSchedule,
+    num_steps: int,
+    sigmas: SigmaScheduleName | Tensor = "default",
+    *,
+    timestep_spacing: TimestepSpacing = "leading",
+    steps_offset: int = 1,
+    multistep: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The noise levels a sigma-space sampler steps through and the timesteps its model sees.
+
+    Returns (sigmas (N+1,), timesteps (N,)), float64; the sigmas descend and end at 0. With
+    N = num_steps, as diffusers' schedulers build them from a scheduler config:
+
+    - ``default``: sigma at the timesteps of `make_timesteps`. The multistep solvers
+      (``multistep=True``: DPM-Solver++, UniPC) space N + 1 timesteps and end at sigma = 0 in
+      place of the last one (so at 20 leading steps they start at 941, not 951).
+    - ``karras`` (eq. 5, rho = 7) and ``exponential``: N levels between the highest and the
+      lowest of those sigmas, or of all training sigmas for the multistep solvers, with the
+      timestep of each from `sigma_to_t`. The multistep solvers round it to an integer.
+    - a tensor of N + 1 descending sigmas ending at 0: used as given, timesteps unrounded.
+    """
+    T = schedule.num_train_timesteps
+    if isinstance(sigmas, Tensor):
+        levels = sigmas.double().cpu()
+        if levels.shape != (num_steps + 1,) or levels[-1] != 0 or (levels.diff() >= 0).any():
+            raise ValueError(
+                f"sigmas must be {num_steps + 1} descending noise levels ending at 0, "
+                f"got shape {tuple(levels.shape)}"
+            )
+        return levels, schedule.sigma_to_t(levels[:-1])
+    if sigmas not in SIGMA_SCHEDULES:
+        raise ValueError(f"unknown sigmas {sigmas!r}; allowed: {', '.join(SIGMA_SCHEDULES)}")
+    spacing = {"timestep_spacing": timestep_spacing, "steps_offset": steps_offset}
+    if multistep and timestep_spacing != "trailing":
+        timesteps = make_timesteps(num_steps + 1, T, **spacing)[:-1]
+    else:
+        timesteps = make_timesteps(num_steps, T, **spacing)
+    table = schedule.sigmas64
+    levels = table[timesteps]
+    if sigmas != "default":
+        high, low = (table[-1], table[0]) if multistep else (levels[0], levels[-1])
+        spaced = karras_sigmas if sigmas == "karras" else exponential_sigmas
+        levels = spaced(high.item(), low.item(), num_steps)
+        timesteps = schedule.sigma_to_t(levels)
+        timesteps = timesteps.round() if multistep else timesteps
+    return torch.cat([levels, levels.new_zeros(1)]), timesteps.double()
+
+
+def make_timesteps(
+    num_steps: int,
+    num_train_timesteps: int,
+    *,
+    timestep_spacing: TimestepSpacing = "leading",
+    steps_offset: int = 1,
+) -> Tensor:
+    """The descending timesteps a sampler visits, shape (num_steps,), int64 in [0, T).
+
+    With N = num_steps and T = num_train_timesteps, as diffusers' schedulers compute them:
+
+    - ``leading``: t_i = i * (T // N) + steps_offset for i = N-1 ... 0 (Stable Diffusion).
+    - ``trailing``: t_i = round(T - i * T / N) - 1 for i = 0 ... N-1; starts at T-1
+      (Lin et al. 2024, table 2). Computed in exact integers with halves rounded up, where
+      diffusers' floating-point ``np.arange`` breaks such ties either way (so it differs by 1
+      at a few timesteps) and for 62 values of N <= 1000 (61, 103, ...) returns N + 1.
+    - ``linspace``: N values evenly spaced over [0, T-1], rounded.
+
+    ``steps_offset`` applies to ``leading`` only, as in diffusers. Values are clamped to T-1,
+    so ``leading`` with an offset and N = T visits 999 twice rather than indexing past the end.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise ValueError(f"num_steps must be an integer, got {num_steps!r}")
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_steps must be between 1 and num_train_timesteps={num_train_timesteps}, "
+            f"got {num_steps}"
+        )
+    T, N = num_train_timesteps, int(num_steps)
+    if timestep_spacing == "leading":
+        timesteps = np.arange(N - 1, -1, -1, dtype=np.int64) * (T // N) + steps_offset
+    elif timestep_spacing == "trailing":
+        # round(T (N - i) / N) - 1 in exact integers, halves rounded up
+        timesteps = (2 * T * np.arange(N, 0, -1, dtype=np.int64) + N) // (2 * N) - 1
+    elif timestep_spacing == "linspace":
+        timesteps = np.linspace(0, T - 1, N).round()[::-1].astype(np.int64)
+    else:
+        raise ValueError(
+            f"unknown timestep_spacing {timestep_spacing!r}; allowed: {', '.join(TIMESTEP_SPACINGS)}"
+        )
+    return torch.from_numpy(np.clip(timesteps, 0, T - 1).copy())
+
+
+def model_timesteps(timesteps: Tensor) -> Tensor:
+    """What a model callable receives for float64 timesteps: int64 where every one is an
+    integer (so a table lookup by t is exact), float32 otherwise (as diffusers passes them)."""
+    if bool((timesteps == timesteps.round()).all()):
+        return timesteps.round().long()
+    return timesteps.float()

@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from ldm.config.names import OUTPUT_TYPES, SAMPLER_NAMES
+from ldm.config.names import OUTPUT_TYPES
 
 MAX_SEED = 2**63  # seeds are 0 <= seed < 2**63 (torch.Generator.manual_seed's int64)
 DEFAULT_SAMPLE_SIZE = 64  # latent pixels, for a U-Net config without sample_size
@@ -39,13 +39,12 @@ def check_size(
 def check_settings(
     num_inference_steps: int,
     guidance_scale: float,
-    sampler: str,
     eta: float,
     output_type: str,
     num_train_timesteps: int,
 ) -> None:
     """The sampling settings, against the names of `ldm.config.names` and the schedule's
-    ``num_train_timesteps``."""
+    ``num_train_timesteps`` (the sampler's name is `ldm.diffusion.registry.resolve_sampler`'s)."""
     T = num_train_timesteps
     if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
         raise ValueError(
@@ -55,8 +54,6 @@ def check_settings(
         raise ValueError(
             f"guidance_scale must be a finite number >= 0 (1 means no guidance), got {guidance_scale}"
         )
-    if sampler not in SAMPLER_NAMES:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLER_NAMES)}")
     if not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta}")
     if output_type not in OUTPUT_TYPES:

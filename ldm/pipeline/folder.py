@@ -46,7 +46,16 @@ __all__ = [  # what ``ldm generate`` (ldm.cli) reads from here
     "read_prompts",
     "save_image",
 ]
-MANIFEST_KEYS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "guidance_scale", "eta")
+MANIFEST_KEYS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "sampler",
+    "sigmas",
+    "steps",
+    "guidance_scale",
+    "eta",
+)
 MANIFEST_KEYS += ("width", "height", "strength", "init_image", "init_sha256", "model")
 
 logger = logging.getLogger(__name__)
@@ -113,6 +122,7 @@ def generate_to_folder(
         num_inference_steps=request.steps,
         guidance_scale=request.guidance_scale,
         sampler=request.sampler,
+        sigmas=request.sigmas,
         eta=request.eta,
     )
     out.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,9 @@ from torch import Tensor
 
 from ldm import images as imaging
 from ldm.config import DEFAULT_MODEL, GENERATION, SchedulerConfig, UNetConfig
-from ldm.config.names import OutputType, SamplerName
-from ldm.diffusion.samplers import SAMPLERS, guided_eps_fn, img2img_start, invert_ddim, randn_like
+from ldm.config.names import SIGMA_SAMPLERS, OutputType, SigmaScheduleName
+from ldm.diffusion.registry import img2img_start, resolve_sampler, run_sampler
+from ldm.diffusion.samplers import guided_eps_fn, invert_ddim, randn_like
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.encoders.text import FrozenTextEncoder
 from ldm.encoders.vae import FrozenVAE
@@ -38,7 +39,7 @@ from ldm.pipeline.loading import (
 )
 from ldm.pipeline.result import GenerationResult, as_output_type
 
-Settings = tuple[int, float, SamplerName, float]  # (steps, guidance_scale, sampler, eta)
+Settings = tuple[int, float, str, float, str]  # (steps, guidance_scale, sampler, eta, sigmas)
 
 
 class LatentDiffusionPipeline:
@@ -146,8 +147,11 @@ class LatentDiffusionPipeline:
     def downscale_factor(self) -> int:
         return self.vae.downscale_factor
 
-    def _check(self, settings: Settings, output_type: str) -> None:
-        check_settings(*settings, output_type, self.schedule.num_train_timesteps)
+    def _settings(self, steps, guidance_scale, sampler, eta, sigmas, output_type) -> Settings:
+        """The checked settings, with the sampler's name resolved (A1111's names too)."""
+        check_settings(steps, guidance_scale, eta, output_type, self.schedule.num_train_timesteps)
+        name, levels = resolve_sampler(sampler, sigmas)
+        return steps, guidance_scale, name, eta, levels
 
     # ------------------------------------------------------------------ generation
 
@@ -161,7 +165,8 @@ class LatentDiffusionPipeline:
         width: int | None = None,
         num_inference_steps: int = GENERATION.num_inference_steps,
         guidance_scale: float = GENERATION.guidance_scale,
-        sampler: SamplerName = GENERATION.sampler,
+        sampler: str = GENERATION.sampler,
+        sigmas: SigmaScheduleName | None = GENERATION.sigmas,
         eta: float = GENERATION.eta,
         num_images_per_prompt: int = 1,
         seed: int | list[int] | None = None,
@@ -182,8 +187,9 @@ class LatentDiffusionPipeline:
         height, width = check_size(
             height, width, self.unet.config.sample_size, self.downscale_factor
         )
-        settings = (num_inference_steps, guidance_scale, sampler, eta)
-        self._check(settings, output_type)
+        settings = self._settings(
+            num_inference_steps, guidance_scale, sampler, eta, sigmas, output_type
+        )
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -217,7 +223,8 @@ class LatentDiffusionPipeline:
         negative_prompt: str | list[str] | None = GENERATION.negative_prompt,
         num_inference_steps: int = GENERATION.num_inference_steps,
         guidance_scale: float = GENERATION.guidance_scale,
-        sampler: SamplerName = GENERATION.sampler,
+        sampler: str = GENERATION.sampler,
+        sigmas: SigmaScheduleName | None = GENERATION.sigmas,
         eta: float = GENERATION.eta,
         seed: int | list[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -225,12 +232,13 @@ class LatentDiffusionPipeline:
         progress: bool = True,
     ) -> GenerationResult:
         """Image-to-image: noise the image's latents to the step that ``strength`` picks and
-        sample from there (`ldm.diffusion.samplers.img2img_start`). Strength 0 returns the input (up to the
+        sample from there (`ldm.diffusion.registry.img2img_start`). Strength 0 returns the input (up to the
         VAE round trip); 1 ignores it. One image per prompt, or one image for all prompts."""
         check_strength(strength)
         prompts, negatives = prompt_lists(prompt, negative_prompt)
-        settings = (num_inference_steps, guidance_scale, sampler, eta)
-        self._check(settings, output_type)
+        settings = self._settings(
+            num_inference_steps, guidance_scale, sampler, eta, sigmas, output_type
+        )
         x0 = self.encode_images(image)
         if x0.shape[0] == 1 and len(prompts) > 1:
             x0 = x0.expand(len(prompts), -1, -1, -1)
@@ -241,7 +249,14 @@ class LatentDiffusionPipeline:
         generators, seeds = image_generators(len(prompts), seed, generator)
         noise = randn_like(x0, generators)
         x_start, start = img2img_start(
-            self.schedule, x0, noise, num_inference_steps, strength, **self.scheduler_config.spacing
+            self.schedule,
+            x0,
+            noise,
+            num_inference_steps,
+            strength,
+            sampler=settings[2],
+            sigmas=settings[4],
+            **self.scheduler_config.spacing,
         )
         return self._generate(
             prompts,
@@ -270,7 +285,7 @@ class LatentDiffusionPipeline:
         ``latents=x_T``, ``guidance_scale=1``, ``sampler="ddim"``, ``eta=0`` and the same prompt
         and steps maps back to (about) the image. See `ldm.diffusion.samplers.invert_ddim`."""
         prompts, negatives = prompt_lists(prompt, None)
-        self._check((num_inference_steps, 1.0, "ddim", 0.0), "latent")
+        self._settings(num_inference_steps, 1.0, "ddim", 0.0, None, "latent")
         x0 = self.encode_images(image)
         if x0.shape[0] != len(prompts):
             raise ValueError(
@@ -304,11 +319,24 @@ class LatentDiffusionPipeline:
     ) -> GenerationResult:
         """What text-to-image and image-to-image share: sample from ``x_start`` (at
         ``start_step``), decode, and record each image's settings."""
-        steps, guidance_scale, sampler, eta = settings
-        model_fn = self._model_fn(prompts, negatives, guidance_scale)
-        x0 = self._sample(model_fn, x_start, settings, generators, start_step, progress)
+        steps, guidance_scale, sampler, eta, sigmas = settings
+        x0 = run_sampler(
+            sampler,
+            self._model_fn(prompts, negatives, guidance_scale),
+            self.schedule,
+            x_start,
+            steps,
+            config=self.scheduler_config,
+            sigmas=sigmas,
+            eta=eta,
+            generator=generators,
+            progress=progress,
+            start_step=start_step,
+        )
         height, width = (d * self.downscale_factor for d in x_start.shape[-2:])
-        common = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "eta": eta}
+        sigmas = sigmas if sampler in SIGMA_SAMPLERS else None  # DDIM, DDPM: timesteps
+        common = {"sampler": sampler, "sigmas": sigmas, "steps": steps}
+        common |= {"guidance_scale": guidance_scale, "eta": eta}
         common |= {"width": width, "height": height, "strength": strength, "model": self.name}
         records = [
             {"prompt": p, "negative_prompt": n, "seed": seed} | common
@@ -324,37 +352,6 @@ class LatentDiffusionPipeline:
             return self.unet(x.to(self.dtype), t, c).float()  # sampler state stays float32
 
         return guided_eps_fn(unet_fn, context, uncond, guidance_scale)
-
-    def _sample(
-        self,
-        model_fn,
-        x_T: Tensor,
-        settings: Settings,
-        generators: list[torch.Generator],
-        start_step: int,
-        progress: bool,
-    ) -> Tensor:
-        """Run the sampler that ``settings`` names (`ldm.diffusion.samplers.SAMPLERS`) with
-        this pipeline's scheduler config."""
-        steps, _, sampler, eta = settings
-        s = self.scheduler_config
-        own = {  # the keyword arguments that only one sampler takes
-            "ddim": {"eta": eta, "set_alpha_to_one": s.set_alpha_to_one},
-            "ddpm": {"variance_type": s.variance_type},
-        }[sampler]
-        return SAMPLERS[sampler](
-            model_fn,
-            self.schedule,
-            x_T,
-            num_steps=steps,
-            generator=generators,
-            progress=progress,
-            start_step=start_step,
-            clip_sample=s.clip_sample,
-            clip_sample_range=s.clip_sample_range,
-            **s.spacing,
-            **own,
-        )
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images (B, 3, H, W) in [-1, 1]; a non-finite result is an error."""

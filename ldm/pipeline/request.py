@@ -19,7 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from ldm import images as imaging
 from ldm.config import GENERATION, SchedulerConfig
 from ldm.config.generation import MAX_BATCH
-from ldm.config.names import SAMPLER_NAMES, SamplerName
+from ldm.config.names import SigmaScheduleName
+from ldm.diffusion.registry import resolve_sampler
 from ldm.pipeline.checks import DEFAULT_SAMPLE_SIZE, MAX_SEED
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +34,8 @@ class GenerateRequest:
     negative_prompt: str = GENERATION.negative_prompt
     steps: int = GENERATION.num_inference_steps
     guidance_scale: float = GENERATION.guidance_scale
-    sampler: SamplerName = GENERATION.sampler
+    sampler: str = GENERATION.sampler
+    sigmas: SigmaScheduleName | None = GENERATION.sigmas
     eta: float = GENERATION.eta
     seed: int | None = None
     n: int = 1
@@ -51,10 +53,10 @@ class GenerateRequest:
         for flag, value in (("--guidance-scale", self.guidance_scale), ("--eta", self.eta)):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{flag} {value} is not allowed; use a finite number >= 0")
-        if self.sampler not in SAMPLER_NAMES:
-            raise ValueError(
-                f"--sampler {self.sampler} is not allowed; use one of {', '.join(SAMPLER_NAMES)}"
-            )
+        try:
+            resolve_sampler(self.sampler, self.sigmas)
+        except ValueError as error:
+            raise ValueError(f"--sampler {self.sampler} / --sigmas {self.sigmas}: {error}") from None
         if self.seed is not None and not 0 <= self.seed < MAX_SEED:
             raise ValueError(f"--seed {self.seed} is not allowed; use 0 <= seed < 2**63")
         for flag, value in (("--height", self.height), ("--width", self.width)):
@@ -84,6 +86,7 @@ class GenerateRequest:
             steps=p["steps"],
             guidance_scale=p["guidance_scale"],
             sampler=p["sampler"],
+            sigmas=p["sigmas"],
             eta=p["eta"],
             seed=p["seed"],
             height=p["height"],

@@ -27,7 +27,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.config import GENERATION
-from ldm.config.names import SAMPLER_NAMES
+from ldm.config.names import SIGMA_SAMPLERS
+from ldm.diffusion.registry import resolve_sampler
 from ldm.images import make_grid
 from ldm.seeds import derive_seed
 from ldm.shapes.world import ATTRIBUTES, COLORS, POSITIONS, SIZES, ShapeSpec, sample_specs
@@ -182,16 +183,17 @@ class EvalSetting:
     sampler: str = GENERATION.sampler
     num_steps: int = GENERATION.num_inference_steps
     guidance_scale: float = GENERATION.guidance_scale
+    sigmas: str | None = GENERATION.sigmas
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLER_NAMES:
-            raise ValueError(
-                f"sampler {self.sampler!r} is not allowed; use one of: {', '.join(SAMPLER_NAMES)}"
-            )
+        sampler, sigmas = resolve_sampler(self.sampler, self.sigmas)
+        object.__setattr__(self, "sampler", sampler)
+        object.__setattr__(self, "sigmas", sigmas)
 
     @property
     def name(self) -> str:
-        return f"{self.sampler} {self.num_steps} steps, guidance {self.guidance_scale:g}"
+        schedule = f" {self.sigmas}" if self.sampler in SIGMA_SAMPLERS else ""
+        return f"{self.sampler}{schedule} {self.num_steps} steps, guidance {self.guidance_scale:g}"
 
 
 DEFAULT_SETTINGS = (  # the first row is the default setting: `ldm.config.GENERATION`'s
@@ -231,6 +233,7 @@ def evaluate(
                 num_inference_steps=setting.num_steps,
                 guidance_scale=setting.guidance_scale,
                 sampler=setting.sampler,
+                sigmas=setting.sigmas,
                 seed=seeds[i : i + batch_size],
                 progress=False,
             )

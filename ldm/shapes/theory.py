@@ -28,7 +28,8 @@ from torch import Tensor
 
 from ldm import images as imaging
 from ldm.config import GENERATION
-from ldm.diffusion.samplers import img2img_start, make_timesteps
+from ldm.diffusion.registry import img2img_start
+from ldm.diffusion.schedule import make_timesteps
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.shapes.detector import detect
@@ -95,7 +96,7 @@ def start_snr(
     steps_offset: int = 1,
 ) -> tuple[int | None, float]:
     """(t, SNR(t)) where image-to-image at this strength starts
-    (`ldm.diffusion.samplers.img2img_start`).
+    (`ldm.diffusion.registry.img2img_start`).
 
     t is None at the ends: strength 1 starts from pure noise (SNR 0), strength 0 runs no step
     and returns the input (SNR inf).
