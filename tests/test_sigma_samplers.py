@@ -127,3 +127,109 @@ def test_images_equal_diffusers_pipeline(pipelines, name, sigmas, config, num_st
     assert expected.std() > 0.05  # a real image, not a constant
     np.testing.assert_allclose(result.images, expected, rtol=0, atol=ONE_LEVEL)
     assert [(p["sampler"], p["sigmas"]) for p in result.parameters] == [(name, sigmas)] * 2
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+MU, SD = 0.5, 0.8  # the data: N(MU, SD^2) per element
+SIGMA_MAX, SIGMA_MIN = 10.0, 0.05
+
+
+def exact_output(x_T):
+    """What an exact solver returns on Gaussian data: the probability-flow ODE's solution in
+    sigma space, x(s) - MU = (x(s_max) - MU) sqrt(SD^2 + s^2) / sqrt(SD^2 + s_max^2), taken to
+    SIGMA_MIN, then the last step's D(x; SIGMA_MIN) (every sampler's step to sigma = 0)."""
+    x = x_T * (SIGMA_MAX**2 + 1) ** 0.5
+    x = MU + (x - MU) * ((SD**2 + SIGMA_MIN**2) / (SD**2 + SIGMA_MAX**2)) ** 0.5
+    return MU + SD**2 / (SD**2 + SIGMA_MIN**2) * (x - MU)
+
+
+def solver_error(name, num_steps):
+    from ldm import gaussian_model_fn
+    from ldm.diffusion.schedule import karras_sigmas
+
+    schedule = NoiseSchedule("linear", beta_start=1e-4, beta_end=0.02)
+    x_T = torch.randn(2000, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = torch.cat([karras_sigmas(SIGMA_MAX, SIGMA_MIN, num_steps), torch.zeros(1).double()])
+    x = SAMPLERS[name](gaussian_model_fn(schedule, MU, SD), schedule, x_T, num_steps, sigmas=sigmas)
+    return ((x - exact_output(x_T)).pow(2).mean().sqrt() / SD).item()
+
+
+@pytest.mark.parametrize(
+    "name,low,high",
+    # measured ratios err(N) / err(2N) at N = 16 -> 32 -> 64 (2026-12-02):
+    # euler 2.02, 2.01 (first order); heun 4.42, 4.20; dpmpp_2m 4.42, 4.24 (second order);
+    # unipc 9.17, 8.55: its corrector raises the order by one (Zhao et al. 2023, Theorem 3.3)
+    [("euler", 1.8, 2.3), ("heun", 3.6, 5.0), ("dpmpp_2m", 3.6, 5.0), ("unipc", 7.0, 10.0)],
+)
+def test_error_against_the_exact_ode_solution_falls_at_the_solvers_order(name, low, high):
+    errors = [solver_error(name, n) for n in (16, 32, 64)]
+    ratios = [a / b for a, b in zip(errors, errors[1:])]
+    assert all(low <= r <= high for r in ratios), (errors, ratios)
+    assert errors[-1] < 0.03
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "unipc"])
+def test_deterministic_samplers_moments_converge_to_the_datas(name):
+    from ldm.diffusion.analytic import MomentErrors
+    from ldm import gaussian_model_fn
+
+    schedule = NoiseSchedule("linear", beta_start=1e-4, beta_end=0.02)
+    fn = gaussian_model_fn(schedule, MU, SD)
+    x_T = torch.randn(20000, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    errors = [
+        MomentErrors.of(SAMPLERS[name](fn, schedule, x_T, n, sigmas="karras", timestep_spacing="trailing"), MU, SD)
+        for n in (5, 20, 80)
+    ]
+    spread = [abs(e.std) for e in errors]
+    assert spread[0] > spread[1] > spread[2] and spread[2] < 0.04, errors  # euler: 0.035
+    assert max(e.mean for e in errors[1:]) < 0.01, errors
+
+
+# ----------------------------------------------------------------------------- names, img2img
+
+
+def test_names_people_type_resolve_to_a_sampler_and_its_schedule():
+    from ldm.diffusion.registry import a1111_name, resolve_sampler
+
+    assert resolve_sampler("DPM++ 2M Karras") == ("dpmpp_2m", "karras")
+    assert resolve_sampler("dpm++ 2m  sde exponential") == ("dpmpp_2m_sde", "exponential")
+    assert resolve_sampler("Euler a") == ("euler_a", "default")
+    assert resolve_sampler("UniPC", "karras") == ("unipc", "karras")
+    assert resolve_sampler("DDIM") == ("ddim", "default")
+    assert a1111_name("dpmpp_2m", "karras") == ("DPM++ 2M", "Karras")
+    assert a1111_name("ddim", "default") == ("DDIM", None)
+    with pytest.raises(ValueError, match=r"unknown sampler 'Euler b'; allowed: ddim, ddpm, euler"):
+        resolve_sampler("Euler b")
+    with pytest.raises(ValueError, match="names the karras schedule, but sigmas='exponential'"):
+        resolve_sampler("DPM++ 2M Karras", "exponential")
+    with pytest.raises(ValueError, match="unknown sigmas 'polyexponential'"):
+        resolve_sampler("euler", "polyexponential")
+
+
+def test_timestep_samplers_refuse_sigma_schedules():
+    schedule = NoiseSchedule()
+    with pytest.raises(ValueError, match="the ddim sampler visits the timesteps of its spacing"):
+        SAMPLERS["ddim"](toy_model, schedule, torch.zeros(1, 4), 5, sigmas="karras")
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "unipc"])
+def test_img2img_starts_at_the_samplers_own_level(name):
+    from ldm.diffusion.registry import img2img_start
+    from ldm.diffusion.schedule import sigma_steps
+
+    schedule = NoiseSchedule()
+    x0, noise = torch.full((2, 4), 0.3), torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(sampler=name, sigmas="karras")
+    x, start = img2img_start(schedule, x0, noise, 10, 0.0, **kwargs)
+    assert start == 10 and torch.equal(x, x0)
+    assert torch.equal(SAMPLERS[name](toy_model, schedule, x, 10, sigmas="karras", start_step=start), x0)
+    x, start = img2img_start(schedule, x0, noise, 10, 1.0, **kwargs)
+    assert start == 0 and torch.equal(x, noise)
+    x, start = img2img_start(schedule, x0, noise, 10, 0.3, **kwargs)
+    sigma = sigma_steps(schedule, 10, "karras", multistep=name == "unipc" or name == "dpmpp_2m")[0][7]
+    a = 1 / (1 + sigma**2)
+    assert start == 7
+    torch.testing.assert_close(x, (a.sqrt() * x0 + (1 - a).sqrt() * noise).float())
+    out = SAMPLERS[name](toy_model, schedule, x, 10, sigmas="karras", start_step=start)
+    assert torch.isfinite(out).all() and not torch.equal(out, x)

@@ -27,11 +27,12 @@ def gaussian_model_fn(schedule: NoiseSchedule, mu: float, sigma: float) -> Model
     """The exact model callable ``model_fn(x_t, t)`` for data N(mu, sigma^2).
 
     It returns the schedule's prediction type: eps, or v = sqrt(a) eps - sqrt(1 - a) x0.
-    x_t: (B, ...) any float dtype; t: (B,) int64 in [0, T).
+    x_t: (B, ...) any float dtype; t: (B,) int64 in [0, T), or fractional timesteps (float),
+    whose alpha_bar is `NoiseSchedule.alpha_bar_at`'s.
     """
 
     def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
-        a = schedule.alphas_cumprod64.to(t.device)[t].to(x_t.dtype)  # (B,)
+        a = schedule.alpha_bar_at(t).to(x_t.dtype)  # (B,)
         a = a.view(-1, *([1] * (x_t.ndim - 1)))  # (B, 1, ...)
         residual = (x_t - a.sqrt() * mu) / (a * sigma**2 + 1 - a)
         eps = (1 - a).sqrt() * residual
