@@ -27,7 +27,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
-from ldm.config.names import A1111_SAMPLERS, A1111_SCHEDULES, SIGMA_SAMPLERS
+from ldm.config.names import A1111_SAMPLERS, A1111_SCHEDULES, a1111_name
 
 PARAMETERS_KEY = "parameters"
 # One "Key: value" of the settings line; a value in double quotes is JSON (as the web UIs quote).
@@ -93,14 +93,11 @@ def format_parameters(p: dict) -> str:
     lines = [p["prompt"]]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
+    sampler, schedule = a1111_name(p["sampler"], p.get("sigmas"))
     fields = [
         f"Steps: {p['steps']}",
-        f"Sampler: {A1111_SAMPLERS.get(p['sampler'], p['sampler'])}",
-        *(
-            [f"Schedule type: {A1111_SCHEDULES.get(p['sigmas'], p['sigmas'])}"]
-            if p.get("sigmas") and p["sampler"] in SIGMA_SAMPLERS
-            else []
-        ),
+        f"Sampler: {sampler}",
+        *([f"Schedule type: {schedule}"] if schedule else []),
         f"CFG scale: {p['guidance_scale']:g}",
         f"Seed: {p['seed']}",
         f"Size: {p['width']}x{p['height']}",

@@ -6,8 +6,7 @@ import pytest
 
 from ldm import __version__
 from ldm.cli import main
-from ldm.diffusion.schedule import make_timesteps
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import NoiseSchedule, make_timesteps
 
 
 def test_console_script_help_and_version():

@@ -214,7 +214,9 @@ def test_parameters_text_round_trip_and_png_chunks(tmp_path):
     karras_text = imaging.format_parameters(karras)
     assert "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5" in karras_text
     assert imaging.parse_parameters(karras_text) == karras
-    old_a1111 = karras_text.replace("Sampler: DPM++ 2M, Schedule type: Karras", "Sampler: DPM++ 2M Karras")
+    old_a1111 = karras_text.replace(
+        "Sampler: DPM++ 2M, Schedule type: Karras", "Sampler: DPM++ 2M Karras"
+    )
     assert imaging.parse_parameters(old_a1111)["sampler"] == "DPM++ 2M Karras"  # resolved later
     image = Image.new("RGB", (4, 4))
     imaging.save_png(image, tmp_path / "latin.png", text)

@@ -1,6 +1,8 @@
 """The sigma-space samplers against diffusers' schedulers: step for step on a toy model, and as
 whole pipelines on tiny components (images within 1/255)."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -49,7 +51,9 @@ CONFIGS = {
 
 def diffusers_scheduler(name: str, sigmas: str, config: dict):
     cls, kwargs = DIFFUSERS[name]
-    return cls.from_config(config, **kwargs, **({"use_karras_sigmas": True} if sigmas == "karras" else {}))
+    return cls.from_config(
+        config, **kwargs, **({"use_karras_sigmas": True} if sigmas == "karras" else {})
+    )
 
 
 def toy_model(x, t):
@@ -86,7 +90,9 @@ def test_each_step_equals_diffusers_scheduler(name, sigmas, config, num_steps):
         rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
     )
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    expected = diffusers_loop(diffusers_scheduler(name, sigmas, cfg.to_dict()), x_T, num_steps, generators(2))
+    expected = diffusers_loop(
+        diffusers_scheduler(name, sigmas, cfg.to_dict()), x_T, num_steps, generators(2)
+    )
     ours = SAMPLERS[name](
         toy_model, schedule, x_T, num_steps, generator=generators(2), sigmas=sigmas, **cfg.spacing
     )
@@ -123,7 +129,9 @@ def test_images_equal_diffusers_pipeline(pipelines, name, sigmas, config, num_st
     reference.scheduler = diffusers_scheduler(name, sigmas, scheduler_config)
     common = dict(num_inference_steps=num_steps, guidance_scale=7.5, output_type="np")
     expected = reference(PROMPTS, generator=generators(2), **common).images
-    result = ours(PROMPTS, generator=generators(2), sampler=name, sigmas=sigmas, progress=False, **common)
+    result = ours(
+        PROMPTS, generator=generators(2), sampler=name, sigmas=sigmas, progress=False, **common
+    )
     assert expected.std() > 0.05  # a real image, not a constant
     np.testing.assert_allclose(result.images, expected, rtol=0, atol=ONE_LEVEL)
     assert [(p["sampler"], p["sigmas"]) for p in result.parameters] == [(name, sigmas)] * 2
@@ -164,21 +172,25 @@ def solver_error(name, num_steps):
 )
 def test_error_against_the_exact_ode_solution_falls_at_the_solvers_order(name, low, high):
     errors = [solver_error(name, n) for n in (16, 32, 64)]
-    ratios = [a / b for a, b in zip(errors, errors[1:])]
+    ratios = [a / b for a, b in itertools.pairwise(errors)]
     assert all(low <= r <= high for r in ratios), (errors, ratios)
     assert errors[-1] < 0.03
 
 
 @pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "unipc"])
 def test_deterministic_samplers_moments_converge_to_the_datas(name):
-    from ldm.diffusion.analytic import MomentErrors
     from ldm import gaussian_model_fn
+    from ldm.diffusion.analytic import MomentErrors
 
     schedule = NoiseSchedule("linear", beta_start=1e-4, beta_end=0.02)
     fn = gaussian_model_fn(schedule, MU, SD)
     x_T = torch.randn(20000, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     errors = [
-        MomentErrors.of(SAMPLERS[name](fn, schedule, x_T, n, sigmas="karras", timestep_spacing="trailing"), MU, SD)
+        MomentErrors.of(
+            SAMPLERS[name](fn, schedule, x_T, n, sigmas="karras", timestep_spacing="trailing"),
+            MU,
+            SD,
+        )
         for n in (5, 20, 80)
     ]
     spread = [abs(e.std) for e in errors]
@@ -190,7 +202,8 @@ def test_deterministic_samplers_moments_converge_to_the_datas(name):
 
 
 def test_names_people_type_resolve_to_a_sampler_and_its_schedule():
-    from ldm.diffusion.registry import a1111_name, resolve_sampler
+    from ldm.config.names import a1111_name
+    from ldm.diffusion.registry import resolve_sampler
 
     assert resolve_sampler("DPM++ 2M Karras") == ("dpmpp_2m", "karras")
     assert resolve_sampler("dpm++ 2m  sde exponential") == ("dpmpp_2m_sde", "exponential")
@@ -219,15 +232,22 @@ def test_img2img_starts_at_the_samplers_own_level(name):
     from ldm.diffusion.schedule import sigma_steps
 
     schedule = NoiseSchedule()
-    x0, noise = torch.full((2, 4), 0.3), torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    x0, noise = (
+        torch.full((2, 4), 0.3),
+        torch.randn(2, 4, generator=torch.Generator().manual_seed(0)),
+    )
     kwargs = dict(sampler=name, sigmas="karras")
     x, start = img2img_start(schedule, x0, noise, 10, 0.0, **kwargs)
     assert start == 10 and torch.equal(x, x0)
-    assert torch.equal(SAMPLERS[name](toy_model, schedule, x, 10, sigmas="karras", start_step=start), x0)
+    assert torch.equal(
+        SAMPLERS[name](toy_model, schedule, x, 10, sigmas="karras", start_step=start), x0
+    )
     x, start = img2img_start(schedule, x0, noise, 10, 1.0, **kwargs)
     assert start == 0 and torch.equal(x, noise)
     x, start = img2img_start(schedule, x0, noise, 10, 0.3, **kwargs)
-    sigma = sigma_steps(schedule, 10, "karras", multistep=name == "unipc" or name == "dpmpp_2m")[0][7]
+    sigma = sigma_steps(schedule, 10, "karras", multistep=name == "unipc" or name == "dpmpp_2m")[0][
+        7
+    ]
     a = 1 / (1 + sigma**2)
     assert start == 7
     torch.testing.assert_close(x, (a.sqrt() * x0 + (1 - a).sqrt() * noise).float())

@@ -30,7 +30,9 @@ def _add_eval_shapes(subparsers: argparse._SubParsersAction) -> None:
     evaluation.add_argument(
         "--sampler", default=GENERATION.sampler, help=f"{', '.join(SAMPLER_NAMES)} {DEFAULT}"
     )
-    evaluation.add_argument("--sigmas", choices=SIGMA_SCHEDULES, help="(default: the sampler's own)")
+    evaluation.add_argument(
+        "--sigmas", choices=SIGMA_SCHEDULES, help="(default: the sampler's own)"
+    )
     evaluation.add_argument(
         "--steps", type=int, default=GENERATION.num_inference_steps, help=DEFAULT
     )

@@ -116,7 +116,7 @@ def _add_sampling_arguments(generate: argparse.ArgumentParser) -> None:
     )
     generate.add_argument(
         "--sampler",
-        help=f"{', '.join(SAMPLER_NAMES)}, or A1111's name (\"DPM++ 2M Karras\", \"Euler a\") "
+        help=f'{", ".join(SAMPLER_NAMES)}, or A1111\'s name ("DPM++ 2M Karras", "Euler a") '
         f"(default: {GENERATION.sampler})",
     )
     generate.add_argument(
@@ -197,8 +197,7 @@ def schedule_command(args: argparse.Namespace) -> None:
             f"--steps {args.steps} is not allowed; use 1 to --num-train-timesteps "
             f"({args.num_train_timesteps})"
         )
-    from ldm.diffusion.schedule import make_timesteps
-    from ldm.diffusion.schedule import NoiseSchedule
+    from ldm.diffusion.schedule import NoiseSchedule, make_timesteps
 
     schedule = NoiseSchedule(
         args.beta_schedule,

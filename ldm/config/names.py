@@ -9,7 +9,9 @@ BetaSchedule = Literal["linear", "scaled_linear", "cosine", "squaredcos_cap_v2"]
 PredictionType = Literal["epsilon", "v_prediction"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 VarianceType = Literal["fixed_small", "fixed_large"]
-SamplerName = Literal["ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
+SamplerName = Literal[
+    "ddim", "ddpm", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"
+]
 SigmaScheduleName = Literal["default", "karras", "exponential"]
 OutputType = Literal["pil", "np", "pt", "latent"]
 
@@ -36,4 +38,14 @@ A1111_SAMPLERS: dict[str, str] = {
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "unipc": "UniPC",
 }
-A1111_SCHEDULES: dict[str, str] = {"default": "Uniform", "karras": "Karras", "exponential": "Exponential"}
+A1111_SCHEDULES: dict[str, str] = {
+    "default": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+}
+
+
+def a1111_name(sampler: str, sigmas: str | None) -> tuple[str, str | None]:
+    """(``Sampler``, ``Schedule type``) as A1111 writes them; DDIM and DDPM have no schedule."""
+    schedule = A1111_SCHEDULES.get(sigmas, sigmas) if sigmas and sampler in SIGMA_SAMPLERS else None
+    return A1111_SAMPLERS.get(sampler, sampler), schedule

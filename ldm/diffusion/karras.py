@@ -38,7 +38,12 @@ class SigmaSpace:
     """
 
     def __init__(
-        self, model_fn: ModelFn, schedule: NoiseSchedule, sigmas: Tensor, timesteps: Tensor, like: Tensor
+        self,
+        model_fn: ModelFn,
+        schedule: NoiseSchedule,
+        sigmas: Tensor,
+        timesteps: Tensor,
+        like: Tensor,
     ) -> None:
         self.model_fn, self.prediction_type = model_fn, schedule.prediction_type
         c_in = 1 / (sigmas**2 + 1).sqrt()  # sqrt(alpha_bar) of each level

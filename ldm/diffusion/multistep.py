@@ -48,12 +48,16 @@ def dpmpp_coefficients(sigmas: Tensor, orders: list[int], *, sde: bool = False):
     second = torch.tensor([order == 2 for order in orders])
     b = torch.where(second, weight * (1 + 1 / (2 * r)), weight)
     c = torch.where(second, -weight / (2 * r), torch.zeros_like(weight))
-    n = s_next * (1 - ratio**2).sqrt() if sde else torch.zeros_like(weight)
+    n = s_next * weight.sqrt() if sde else torch.zeros_like(weight)  # weight = 1 - ratio^2
     return keep, b, c, n
 
 
-def _sample_dpmpp(model_fn, schedule, x_T, num_steps, sigmas, spacing, start_step, generator, progress, sde):
-    space, x = start_in_sigma_space(model_fn, schedule, x_T, num_steps, sigmas, spacing, start_step, True)
+def _sample_dpmpp(
+    model_fn, schedule, x_T, num_steps, sigmas, spacing, start_step, generator, progress, sde
+):
+    space, x = start_in_sigma_space(
+        model_fn, schedule, x_T, num_steps, sigmas, spacing, start_step, True
+    )
     orders = _orders(num_steps, start_step)
     coefficients = dpmpp_coefficients(space.sigmas64, orders, sde=sde)
     adds_noise = (coefficients[3] > 0).tolist()  # host-side, before the loop
@@ -159,11 +163,16 @@ def sample_unipc(
     output, and the next predictor starts from the corrected sample: second order at one model
     call per step. ``generator`` is not used (the sampler is deterministic)."""
     spacing = {"timestep_spacing": timestep_spacing, "steps_offset": steps_offset}
-    space, x = start_in_sigma_space(model_fn, schedule, x_T, num_steps, sigmas, spacing, start_step, True)
+    space, x = start_in_sigma_space(
+        model_fn, schedule, x_T, num_steps, sigmas, spacing, start_step, True
+    )
     orders = _orders(num_steps, start_step)
     a, b, c, _ = (on_sample(v, x) for v in dpmpp_coefficients(space.sigmas64, orders))
     corrector = {
-        i: [on_sample(torch.tensor(v, dtype=torch.float64), x) for v in unipc_corrector(space.sigmas64, i, orders[i - 1])]
+        i: [
+            on_sample(torch.tensor(v, dtype=torch.float64), x)
+            for v in unipc_corrector(space.sigmas64, i, orders[i - 1])
+        ]
         for i in range(start_step + 1, num_steps)
     }
     x_last = d_last = d_before = None

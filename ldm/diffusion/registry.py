@@ -80,12 +80,6 @@ def resolve_sampler(
     return sampler, sigmas or from_name or AUTOMATIC_SIGMAS.get(sampler, "default")
 
 
-def a1111_name(sampler: str, sigmas: str) -> tuple[str, str | None]:
-    """(``Sampler``, ``Schedule type``) as A1111 writes them; DDIM and DDPM have no schedule."""
-    schedule = A1111_SCHEDULES.get(sigmas, sigmas) if sampler in SIGMA_SAMPLERS else None
-    return A1111_SAMPLERS.get(sampler, sampler), schedule
-
-
 def start_alpha_bars(
     sampler: str,
     schedule: NoiseSchedule,
@@ -96,7 +90,9 @@ def start_alpha_bars(
     """alpha_bar of the sample each step starts from, float64 (N,): at DDIM's and DDPM's
     timesteps, or 1 / (1 + sigma_i^2) on a sigma sampler's noise levels."""
     if sampler not in SIGMA_SAMPLERS:
-        return schedule.alphas_cumprod64[make_timesteps(num_steps, schedule.num_train_timesteps, **spacing)]
+        return schedule.alphas_cumprod64[
+            make_timesteps(num_steps, schedule.num_train_timesteps, **spacing)
+        ]
     multistep = sampler in MULTISTEP_SAMPLERS
     levels, _ = sigma_steps(schedule, num_steps, sigmas, multistep=multistep, **spacing)
     return 1 / (1 + levels[:-1] ** 2)

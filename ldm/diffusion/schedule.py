@@ -225,7 +225,9 @@ class NoiseSchedule:
         ``_sigma_to_t``). Exact at the training sigmas; float64, shape of sigma."""
         log_sigmas = self.sigmas64.log()
         log_sigma = sigma.double().clamp(min=1e-10).log()
-        low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
+        low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(
+            0, len(log_sigmas) - 2
+        )
         w = ((log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])).clamp(0, 1)
         return low + w
 

@@ -56,7 +56,9 @@ class GenerateRequest:
         try:
             resolve_sampler(self.sampler, self.sigmas)
         except ValueError as error:
-            raise ValueError(f"--sampler {self.sampler} / --sigmas {self.sigmas}: {error}") from None
+            raise ValueError(
+                f"--sampler {self.sampler} / --sigmas {self.sigmas}: {error}"
+            ) from None
         if self.seed is not None and not 0 <= self.seed < MAX_SEED:
             raise ValueError(f"--seed {self.seed} is not allowed; use 0 <= seed < 2**63")
         for flag, value in (("--height", self.height), ("--width", self.width)):

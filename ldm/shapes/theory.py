@@ -29,8 +29,7 @@ from torch import Tensor
 from ldm import images as imaging
 from ldm.config import GENERATION
 from ldm.diffusion.registry import img2img_start
-from ldm.diffusion.schedule import make_timesteps
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import NoiseSchedule, make_timesteps
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.shapes.detector import detect
 from ldm.shapes.theory_tables import format_tables
