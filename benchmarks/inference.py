@@ -244,3 +244,58 @@ def benchmark_default_generate(*, repeats: int = 5) -> dict:
         "median_load_sample_save_s": statistics.median(inside),
         "median_ldm_generate_s": statistics.median(command),
     }
+
+
+def benchmark_sampler_overhead(*, batch: int = 8, steps: int = 20, repeats: int = 5) -> list[dict]:
+    """The samplers' own work (everything but the model calls) against one model call of the
+    shipped model: its U-Net with classifier-free guidance (2 x ``batch`` rows) at guidance
+    `GENERATION.guidance_scale`. Each sampler runs ``steps`` steps with a model callable that
+    returns a stored output of the real one, so what is timed is the sampler alone; its time per
+    model call is divided by the real call's."""
+    from ldm.diffusion.registry import SAMPLERS, model_calls, run_sampler
+    from ldm.diffusion.samplers import guided_eps_fn
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained()
+    context = pipe.text_encoder([PROMPT] * batch)
+    uncond = pipe.text_encoder([""] * batch)
+    model_fn = guided_eps_fn(pipe.unet, context, uncond, GENERATION.guidance_scale)
+    size = pipe.unet.config.sample_size
+    x_T = torch.randn(batch, pipe.unet.config.in_channels, size, size)
+    t = torch.full((batch,), 500)
+    with torch.inference_mode():
+        stored = model_fn(x_T, t)
+        call = interleaved({"call": lambda: model_fn(x_T, t)}, repeats=repeats, device=x_T.device)
+
+        def replay(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return stored
+
+        def run(name: str) -> torch.Tensor:
+            generators = [torch.Generator().manual_seed(k) for k in range(batch)]
+            return run_sampler(
+                name,
+                replay,
+                pipe.schedule,
+                x_T,
+                steps,
+                config=pipe.scheduler_config,
+                generator=generators,
+            )
+
+        rows = []
+        for name in SAMPLERS:
+            timing = interleaved(
+                {name: lambda name=name: run(name)}, repeats=repeats, device=x_T.device
+            )[name]
+            per_call = timing.median_s / model_calls(name, steps)
+            rows.append(
+                {
+                    "sampler": name,
+                    "steps": steps,
+                    "batch": batch,
+                    "sampler_s_per_call": per_call,
+                    "model_call_s": call["call"].median_s,
+                    "overhead": per_call / call["call"].median_s,
+                }
+            )
+    return rows

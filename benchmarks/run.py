@@ -5,6 +5,7 @@
     python -m benchmarks.run pipeline
     python -m benchmarks.run train [--model default]
     python -m benchmarks.run generate-default
+    python -m benchmarks.run samplers [--batch 8] [--steps 20]
 
 `unet` times one forward pass of our U-Net and of diffusers' UNet2DConditionModel with
 identical weights: on the CPU in fp32 at the given size, and, when CUDA is present, in fp16
@@ -26,6 +27,7 @@ from benchmarks.inference import (
     benchmark_conv,
     benchmark_default_generate,
     benchmark_pipeline,
+    benchmark_sampler_overhead,
     benchmark_unet,
 )
 from benchmarks.timing import environment
@@ -60,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{DEFAULT_MODEL_IMAGES} images from the shipped model: load + sample + save",
     )
     default.add_argument("--repeats", type=int, default=5)
+    samplers = sub.add_parser(
+        "samplers", help="each sampler's own work per model call of the shipped model"
+    )
+    samplers.add_argument("--batch", type=int, default=8)
+    samplers.add_argument("--steps", type=int, default=20)
+    samplers.add_argument("--repeats", type=int, default=5)
     pipeline = sub.add_parser("pipeline", help="our pipeline against diffusers' on tiny components")
     pipeline.add_argument("--repeats", type=int, default=9)
     return parser
@@ -152,12 +160,27 @@ def run_pipeline(args: argparse.Namespace, env: dict[str, str]) -> None:
     print(f"| ours / diffusers | {r['ratio']:.3f} | max abs pixel diff {r['max_abs_diff']:.1e} |")
 
 
+def run_samplers(args: argparse.Namespace, env: dict[str, str]) -> None:
+    rows = benchmark_sampler_overhead(batch=args.batch, steps=args.steps, repeats=args.repeats)
+    call = rows[0]["model_call_s"]
+    print(
+        f"shipped model, batch {args.batch} with guidance ({2 * args.batch} U-Net rows), "
+        f"{args.steps} steps; one model call {1000 * call:.1f} ms"
+    )
+    print("| sampler | sampler's own work per model call, ms | share of a model call |")
+    print("|---|---:|---:|")
+    for r in rows:
+        ms = 1000 * r["sampler_s_per_call"]
+        print(f"| {r['sampler']} | {ms:.3f} | {r['overhead']:.2%} |")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], None]] = {
     "unet": run_unet,
     "conv": run_conv,
     "train": run_train,
     "generate-default": run_generate_default,
     "pipeline": run_pipeline,
+    "samplers": run_samplers,
 }
 
 

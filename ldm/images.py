@@ -114,6 +114,13 @@ def format_parameters(p: dict) -> str:
     return "\n".join(lines)
 
 
+def _schedule_before_schedule_type(sampler: str) -> str | None:
+    """A1111 before 1.9 wrote no ``Schedule type``: the sampler's name carried it ("DPM++ 2M
+    Karras"), and without one it was Uniform, whatever ldm's automatic schedule is now."""
+    suffixes = tuple(f" {label}" for key, label in A1111_SCHEDULES.items() if key != "default")
+    return None if sampler.endswith(suffixes) else "default"
+
+
 def parse_parameters(text: str) -> dict:
     """Read a ``parameters`` text back into a generation record (the fields this module writes)."""
     lines = text.strip("\n").split("\n")
@@ -135,7 +142,9 @@ def parse_parameters(text: str) -> dict:
         "negative_prompt": negative,
         "steps": int(fields["Steps"]),
         "sampler": samplers.get(fields["Sampler"], fields["Sampler"]),
-        "sigmas": schedules.get(fields.get("Schedule type")),
+        "sigmas": schedules.get(fields["Schedule type"])
+        if "Schedule type" in fields
+        else _schedule_before_schedule_type(fields["Sampler"]),
         "guidance_scale": float(fields["CFG scale"]),
         "seed": int(fields["Seed"]),
         "width": width,

@@ -22,17 +22,40 @@ SAMPLERS = (
     ("euler", "default"),
     ("euler", "karras"),
     ("euler_a", "default"),
+    ("heun", "default"),
     ("heun", "karras"),
     ("dpmpp_2m", "default"),
     ("dpmpp_2m", "karras"),
+    ("dpmpp_2m", "exponential"),
+    ("dpmpp_2m_sde", "default"),
     ("dpmpp_2m_sde", "karras"),
     ("unipc", "default"),
     ("unipc", "karras"),
 )
 
 
+def label_of(sampler: str, sigmas: str | None) -> str:
+    return sampler if sigmas is None else f"{sampler} {sigmas}"
+
+
+ORDER = [label_of(*s) for s in SAMPLERS]
+
+
 def steps_for(sampler: str, calls: int) -> int:
     return (calls + 1) // 2 if sampler == "heun" else calls
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table of all-attribute accuracy (%), one column per budget that was run
+    (Heun's 2N - 1 calls fall in the column of the budget they fit)."""
+    budget = {(r["label"], min(c for c in CALLS if c >= r["calls"])): r["all"] for r in rows}
+    columns = sorted({c for _, c in budget})
+    lines = ["| sampler | " + " | ".join(f"{c} calls" for c in columns) + " |"]
+    lines.append("|---|" + "---:|" * len(columns))
+    for label in sorted({r["label"] for r in rows}, key=ORDER.index):
+        cells = [f"{100 * budget[label, c]:.1f}" if (label, c) in budget else "" for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -41,11 +64,23 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r["label"] for r in rows):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    samplers = list(dict.fromkeys(sampler for sampler, _ in SAMPLERS))
+    styles = {None: "-", "default": "-", "karras": "--", "exponential": ":"}
+    for label in sorted({r["label"] for r in rows}, key=ORDER.index):
+        sampler, sigmas = SAMPLERS[ORDER.index(label)]
         points = [(r["calls"], 100 * r["all"]) for r in rows if r["label"] == label]
-        ax.plot(*zip(*points, strict=True), "o-", label=label, markersize=3)
+        color = "black" if sampler == "ddim" else f"C{samplers.index(sampler)}"
+        ax.plot(
+            *zip(*points, strict=True),
+            marker="o",
+            linestyle=styles[sigmas],
+            color=color,
+            label=label,
+            markersize=3,
+        )
     ax.set(xscale="log", xlabel="model calls", ylabel="all-attribute accuracy (%)")
+    ax.minorticks_off()
     ax.set_xticks(CALLS, [str(c) for c in CALLS])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -62,6 +97,12 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="*", help="labels to run, e.g. ddim 'dpmpp_2m karras' (default: all)"
     )
+    parser.add_argument(
+        "--calls", nargs="*", type=int, default=CALLS, help="model-call budgets (default: all)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the held-out prompts' and images' seed (default: 0)"
+    )
     parser.add_argument("--append", action="store_true", help="add to OUT/eval_samplers.json")
     args = parser.parse_args()
     out = Path(args.out)
@@ -70,25 +111,21 @@ def main() -> None:
     json_path = out / "eval_samplers.json"
     rows = json.loads(json_path.read_text()) if args.append and json_path.exists() else []
     for sampler, sigmas in SAMPLERS:
-        if args.only and (sampler if sigmas is None else f"{sampler} {sigmas}") not in args.only:
+        label = label_of(sampler, sigmas)
+        if args.only and label not in args.only:
             continue
-        for calls in CALLS:
+        for calls in args.calls:
             setting = EvalSetting(sampler, steps_for(sampler, calls), 7.5, sigmas)
-            accuracy = evaluate(pipe, n=args.n, settings=[setting])[setting.name]
-            label = sampler if sigmas is None else f"{sampler} {sigmas}"
-            row = {"label": label, "steps": setting.num_steps}
+            accuracy = evaluate(pipe, n=args.n, settings=[setting], seed=args.seed)[setting.name]
+            row = {"label": label, "steps": setting.num_steps, "seed": args.seed}
             row |= {"calls": model_calls(sampler, setting.num_steps), **accuracy}
             rows.append(row)
             print(json.dumps(row), flush=True)
             json_path.write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["| sampler | " + " | ".join(f"{c} calls" for c in CALLS) + " |"]
-    lines.append("|---|" + "---:|" * len(CALLS))
-    for label in dict.fromkeys(r["label"] for r in rows):
-        cells = [f"{100 * r['all']:.1f}" for r in rows if r["label"] == label]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    (out / "eval_samplers.md").write_text("\n".join(lines) + "\n")
+    text = table(rows)
+    (out / "eval_samplers.md").write_text(text)
     plot(rows, out / "eval_samplers.png")
-    print("\n".join(lines))
+    print(text, end="")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ __all__ = [  # format_tables lives in ldm.shapes.theory_tables; it is importable
     "to_array",
 ]
 
+# DDIM steps of every experiment here: docs/theory.md's figures were measured at 50, whatever
+# the generation default (`GENERATION`) is
+THEORY_STEPS = 50
 STRENGTHS = tuple(k / 10 for k in range(11))  # 0.0, 0.1, ..., 1.0
 SCHEDULES = {  # name: NoiseSchedule arguments, for the schedule comparison
     "linear": dict(kind="linear", beta_start=1e-4, beta_end=0.02),  # DDPM's
@@ -184,7 +187,7 @@ def img2img_sweep(
     *,
     prompt: str | Sequence[str] = "",
     guidance_scale: float = 1.0,
-    num_steps: int = GENERATION.num_inference_steps,
+    num_steps: int = THEORY_STEPS,
     seed: int = 0,
 ) -> Img2ImgSweep:
     """Image-to-image (`LatentDiffusionPipeline.img2img`, DDIM, eta 0) from the renders of
@@ -208,6 +211,7 @@ def img2img_sweep(
             strength=strength,
             num_inference_steps=num_steps,
             guidance_scale=guidance_scale,
+            sampler="ddim",
             seed=seed,
             progress=False,
         )
@@ -271,7 +275,7 @@ def inversion_roundtrip(
     pipe: LatentDiffusionPipeline,
     specs: Sequence[ShapeSpec],
     *,
-    num_steps: int = GENERATION.num_inference_steps,
+    num_steps: int = THEORY_STEPS,
     fixed_point_iters: Sequence[int] = (0, 2),
     noise_seeds: Sequence[int] = (0, 1),
     prompt: str = "",
@@ -346,7 +350,7 @@ def run_theory(
     pipe: LatentDiffusionPipeline,
     *,
     n: int = 64,
-    num_steps: int = GENERATION.num_inference_steps,
+    num_steps: int = THEORY_STEPS,
     seed: int = 0,
     guidance_scale: float = GENERATION.guidance_scale,
 ) -> TheoryRun:

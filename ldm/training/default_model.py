@@ -18,7 +18,7 @@ import torch
 
 from ldm.config import CONFIG_FILES, DEFAULT_MODEL
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.shapes.detector import evaluate
+from ldm.shapes.detector import REFERENCE_SETTING, evaluate
 from ldm.training.recipe import SHAPES, train_recipe
 
 CONFIG_DIR = CONFIG_FILES / "default_model"
@@ -95,7 +95,7 @@ def evaluate_checkpoints(
 ) -> dict[int, dict[str, float]]:
     """Accuracy against training steps: each kept U-Net checkpoint of a recipe run (its EMA
     weights, as exported) scored on held-out prompts by `ldm.shapes.detector.evaluate` at the
-    default setting (`ldm.config.GENERATION`'s sampler, steps and guidance scale).
+    reference setting (`ldm.shapes.detector.REFERENCE_SETTING`: DDIM 50 steps, guidance 7.5).
     ``every``: take every k-th checkpoint. Returns ``{step: accuracy}``."""
     from ldm.training.checkpoint import checkpoints
 
@@ -108,6 +108,6 @@ def evaluate_checkpoints(
     for folder in found[::-1][::every][::-1]:  # the last one always, then every k-th back
         load_checkpoint_ema(pipe, folder)
         step = int(folder.name.removeprefix("checkpoint-"))
-        results[step] = next(iter(evaluate(pipe, n=n).values()))
+        results[step] = next(iter(evaluate(pipe, n=n, settings=[REFERENCE_SETTING]).values()))
         logger.info("checkpoint %d: %s", step, results[step])
     return results

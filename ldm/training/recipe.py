@@ -37,7 +37,7 @@ from ldm.data.metrics import evaluate_on_data, format_results
 from ldm.errors import TrainingInterrupted
 from ldm.images import to_pil
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.shapes.detector import evaluate
+from ldm.shapes.detector import REFERENCE_SETTING, evaluate
 from ldm.shapes.world import make_shapes
 from ldm.training.denoiser import train
 from ldm.training.pretrain import load_retrieval, train_clip, train_vae
@@ -274,7 +274,7 @@ def _evaluate(
     train_data = DataConfig(path=str(train_dir), resolution=_resolution(train_dir))
     heldout_data = DataConfig(path=str(heldout_dir), resolution=train_data.resolution)
     if data == SHAPES:  # the rule-based detector's held-out accuracy as well
-        evaluate(pipe, n=n, out_dir=out / "shapes")
+        evaluate(pipe, n=n, settings=[REFERENCE_SETTING], out_dir=out / "shapes")
     results = evaluate_on_data(
         pipe,
         train_data,
