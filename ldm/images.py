@@ -27,7 +27,13 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
-from ldm.config.names import A1111_SAMPLERS, A1111_SCHEDULES, a1111_name
+from ldm.config.names import (
+    A1111_SAMPLERS,
+    A1111_SCHEDULES,
+    SIGMA_SAMPLERS,
+    a1111_name,
+    split_schedule_suffix,
+)
 
 PARAMETERS_KEY = "parameters"
 # One "Key: value" of the settings line; a value in double quotes is JSON (as the web UIs quote).
@@ -117,8 +123,9 @@ def format_parameters(p: dict) -> str:
 def _schedule_before_schedule_type(sampler: str) -> str | None:
     """A1111 before 1.9 wrote no ``Schedule type``: the sampler's name carried it ("DPM++ 2M
     Karras"), and without one it was Uniform, whatever ldm's automatic schedule is now."""
-    suffixes = tuple(f" {label}" for key, label in A1111_SCHEDULES.items() if key != "default")
-    return None if sampler.endswith(suffixes) else "default"
+    name, schedule = split_schedule_suffix(sampler)
+    is_sigma_sampler = {v: k for k, v in A1111_SAMPLERS.items()}.get(name, name) in SIGMA_SAMPLERS
+    return "default" if is_sigma_sampler and schedule is None else None
 
 
 def parse_parameters(text: str) -> dict:

@@ -49,3 +49,12 @@ def a1111_name(sampler: str, sigmas: str | None) -> tuple[str, str | None]:
     """(``Sampler``, ``Schedule type``) as A1111 writes them; DDIM and DDPM have no schedule."""
     schedule = A1111_SCHEDULES.get(sigmas, sigmas) if sigmas and sampler in SIGMA_SAMPLERS else None
     return A1111_SAMPLERS.get(sampler, sampler), schedule
+
+
+def split_schedule_suffix(name: str) -> tuple[str, str | None]:
+    """A1111's older names carry the schedule ("DPM++ 2M Karras"): (the name without it, the
+    schedule), or (name, None) without one. Case-insensitive."""
+    for schedule, label in A1111_SCHEDULES.items():
+        if schedule != "default" and name.lower().endswith(" " + label.lower()):
+            return name[: -len(label) - 1], schedule
+    return name, None

@@ -18,12 +18,12 @@ from ldm.config.generation import AUTOMATIC_SIGMAS
 from ldm.config.model import SchedulerConfig
 from ldm.config.names import (
     A1111_SAMPLERS,
-    A1111_SCHEDULES,
     MULTISTEP_SAMPLERS,
     SAMPLER_NAMES,
     SIGMA_SAMPLERS,
     SIGMA_SCHEDULES,
     SigmaScheduleName,
+    split_schedule_suffix,
 )
 from ldm.diffusion.karras import sample_euler, sample_euler_ancestral, sample_heun
 from ldm.diffusion.multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
@@ -62,10 +62,7 @@ def resolve_sampler(
     if sigmas is not None and sigmas not in SIGMA_SCHEDULES:
         raise ValueError(f"unknown sigmas {sigmas!r}; allowed: {', '.join(SIGMA_SCHEDULES)}")
     key = " ".join(str(name).split()).lower()
-    from_name = None
-    for schedule, label in A1111_SCHEDULES.items():
-        if schedule != "default" and key.endswith(" " + label.lower()):
-            key, from_name = key.removesuffix(" " + label.lower()), schedule
+    key, from_name = split_schedule_suffix(key)
     known = {n: n for n in SAMPLER_NAMES} | {v.lower(): k for k, v in A1111_SAMPLERS.items()}
     if key not in known:
         allowed = ", ".join(SAMPLER_NAMES)
