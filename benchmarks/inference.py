@@ -210,8 +210,8 @@ print(time.perf_counter() - start)
 
 def benchmark_default_generate(*, repeats: int = 5) -> dict:
     """Wall-clock seconds, each in a fresh process, to load the shipped default model, sample
-    `DEFAULT_MODEL_IMAGES` images with the generation defaults (`GENERATION`: DDIM, 50 steps,
-    guidance 7.5) and save them as PNGs: timed inside the process (import + load + sample +
+    `DEFAULT_MODEL_IMAGES` images with the generation defaults (`GENERATION`'s sampler, steps
+    and guidance) and save them as PNGs: timed inside the process (import + load + sample +
     save) and for the whole ``ldm generate PROMPT --n 8`` command."""
     import subprocess
     import sys

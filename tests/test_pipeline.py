@@ -21,6 +21,7 @@ def latents_for(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_images_equal_diffusers_pipeline(tiny_sd_dir, tiny_pipe):
+    # the folder names DDIMScheduler; the other samplers: tests/test_sigma_samplers.py
     reference = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
     reference.set_progress_bar_config(disable=True)
     latents = latents_for(2)
@@ -28,7 +29,13 @@ def test_images_equal_diffusers_pipeline(tiny_sd_dir, tiny_pipe):
         negative_prompt=[NEGATIVE] * 2, num_inference_steps=10, guidance_scale=7.5, output_type="np"
     )
     expected = reference([PROMPT, "a small black triangle"], latents=latents, **common).images
-    ours = tiny_pipe([PROMPT, "a small black triangle"], latents=latents, progress=False, **common)
+    ours = tiny_pipe(
+        [PROMPT, "a small black triangle"],
+        latents=latents,
+        sampler="ddim",
+        progress=False,
+        **common,
+    )
     assert ours.images.shape == expected.shape == (2, 32, 32, 3)
     assert expected.std() > 0.05  # a real image, not a constant
     np.testing.assert_allclose(ours.images, expected, rtol=0, atol=ONE_LEVEL)
@@ -40,13 +47,13 @@ def test_saved_folder_loads_in_diffusers_and_reproduces_our_image(tiny_pipe, tmp
     reference.set_progress_bar_config(disable=True)
     latents = latents_for(1, seed=3)
     common = dict(num_inference_steps=10, guidance_scale=7.5, output_type="np")
-    ours = tiny_pipe(PROMPT, latents=latents, progress=False, **common).images
-    np.testing.assert_allclose(
+    ours = tiny_pipe(PROMPT, latents=latents, sampler="ddim", progress=False, **common).images
+    np.testing.assert_allclose(  # the saved folder names DDIMScheduler
         reference(PROMPT, latents=latents, **common).images, ours, rtol=0, atol=ONE_LEVEL
     )
     again = LatentDiffusionPipeline.from_pretrained(tmp_path / "ours")
     np.testing.assert_array_equal(
-        again(PROMPT, latents=latents, progress=False, **common).images, ours
+        again(PROMPT, latents=latents, sampler="ddim", progress=False, **common).images, ours
     )
 
 
@@ -135,6 +142,7 @@ def test_ddim_inversion_reconstructs_the_latents(tiny_pipe):
         back = tiny_pipe(
             PROMPT,
             latents=x_T,
+            sampler="ddim",
             guidance_scale=1.0,
             num_inference_steps=200,
             output_type="latent",
@@ -261,7 +269,7 @@ def test_generate_command_writes_pngs_manifest_and_never_overwrites(tiny_sd_dir,
         "00004-6.png",
     ]
     assert manifest[0] | {"file": None} == {
-        "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 5, "sampler": "ddim", "sigmas": None, "steps": 4, "guidance_scale": 7.5,
+        "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 5, "sampler": "euler", "sigmas": "karras", "steps": 4, "guidance_scale": 7.5,
         "eta": 0.0, "width": 32, "height": 32, "strength": None, "init_image": None, "init_sha256": None, "model": tiny_sd_dir.name, "file": None,
     }  # fmt: skip
     settings = imaging.parse_parameters(imaging.read_parameters(out / "00001-6.png"))

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ldm.diffusion.analytic import MomentErrors, gaussian_model_fn
-from ldm.diffusion.registry import img2img_start
+from ldm.diffusion.registry import SAMPLERS, SIGMA_SAMPLERS, img2img_start
 from ldm.diffusion.samplers import (
     guided_eps_fn,
     invert_ddim,
@@ -294,6 +294,17 @@ def test_loops_never_read_tensors_back_to_the_host(sampler):
     assert out.device.type == "meta" and out.shape == x_T.shape
 
 
+@pytest.mark.parametrize("sigmas", ["default", "karras"])
+@pytest.mark.parametrize("sampler", sorted(SIGMA_SAMPLERS))
+def test_sigma_sampler_loops_never_read_tensors_back_to_the_host(sampler, sigmas):
+    # their noise levels and coefficients are computed on the host before the loop
+    x_T = torch.empty(2, 4, 8, 8, device="meta")
+    generators = [torch.Generator().manual_seed(k) for k in range(2)]
+    model_fn = lambda x, t: torch.tanh(x) * t.view(-1, 1, 1, 1).to(x.dtype)  # noqa: E731
+    out = SAMPLERS[sampler](model_fn, NoiseSchedule(), x_T, 8, generator=generators, sigmas=sigmas)
+    assert out.device.type == "meta" and out.shape == x_T.shape
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_loops_do_not_synchronise_on_cuda():
@@ -304,6 +315,8 @@ def test_loops_do_not_synchronise_on_cuda():
     try:
         sample_ddim(model_fn, schedule, x_T, 10, eta=1.0)
         sample_ddpm(model_fn, schedule, x_T, num_steps=10)
+        for name in SIGMA_SAMPLERS:
+            SAMPLERS[name](model_fn, schedule, x_T, 10, sigmas="karras")
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

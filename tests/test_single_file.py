@@ -32,9 +32,16 @@ def tiny_configs(pipe):
 
 
 def generate(pipe, **kwargs):
+    """DDIM, the scheduler that saved folders name, so that diffusers draws the same image."""
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     return pipe(
-        PROMPT, latents=latents, num_inference_steps=4, output_type="np", progress=False, **kwargs
+        PROMPT,
+        latents=latents,
+        num_inference_steps=4,
+        sampler="ddim",
+        output_type="np",
+        progress=False,
+        **kwargs,
     ).images
 
 

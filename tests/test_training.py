@@ -143,8 +143,13 @@ def test_fine_tune_on_bad_data_reports_exactly_the_bad_files_and_exports(model, 
     expected = reference(
         "a red image", latents=latents, num_inference_steps=4, output_type="np"
     ).images
-    got = ours(
-        "a red image", latents=latents, num_inference_steps=4, output_type="np", progress=False
+    got = ours(  # DDIM: the exported folder's scheduler
+        "a red image",
+        latents=latents,
+        num_inference_steps=4,
+        sampler="ddim",
+        output_type="np",
+        progress=False,
     ).images
     np.testing.assert_allclose(got, expected, rtol=0, atol=1 / 255 + 1e-6)
 

@@ -42,7 +42,8 @@ def _add_eval_shapes(subparsers: argparse._SubParsersAction) -> None:
     evaluation.add_argument(
         "--sweep",
         action="store_true",
-        help="all settings: guidance 1, 3, 7.5 at DDIM 50; DDIM 10/20/50/100; DDPM 1000",
+        help="all settings: the generation default; guidance 1, 3, 7.5 at DDIM 50; DDIM "
+        "10/20/50/100; DDPM 1000",
     )
     evaluation.add_argument(
         "--out", help="also write results.json and an image grid per setting to this folder"

@@ -65,6 +65,7 @@ def evaluate_on_data(
     *,
     n: int = 100,
     heldout: DataConfig | None = None,
+    sampler: str = "ddim",
     num_inference_steps: int = 30,
     guidance_scale: float = GENERATION.guidance_scale,
     seed: int = 0,
@@ -75,7 +76,8 @@ def evaluate_on_data(
 ) -> dict[str, Any]:
     """The figures of the module docstring for ``pipe`` (a `LatentDiffusionPipeline`) on
     ``data``; with ``out_dir``, also ``results.json`` and ``grid.png`` (rows of eight: each
-    dataset image above the image generated from its caption)."""
+    dataset image above the image generated from its caption). DDIM by default, whatever the
+    generation default is, so that figures stay comparable from one model to the next."""
     reference, reference_captions = load_pixels(data, n=None)  # (M, 3, R, R)
     if len(reference) < distractors + 1:
         raise ValueError(
@@ -85,7 +87,9 @@ def evaluate_on_data(
     chosen = _choose(len(reference), n, seed)  # (N,)
     own = reference[chosen]
     captions = [reference_captions[i] for i in chosen.tolist()]
-    settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    settings = dict(
+        sampler=sampler, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale
+    )
     generated = _generate(pipe, captions, data.resolution, seed, batch_size, **settings)
     distance = _distance_figures(generated, reference, chosen, distractors, seed)
     vae = _vae_figures(pipe.vae, own, heldout)
@@ -242,7 +246,7 @@ def format_results(results: dict[str, Any]) -> str:
     r = results
     return "\n".join(
         [
-            f"{r['model']} on {r['data']}: {r['n']} captions, DDIM {r['num_inference_steps']}, "
+            f"{r['model']} on {r['data']}: {r['n']} captions, {r['sampler']} {r['num_inference_steps']}, "
             f"guidance {r['guidance_scale']}, seed {r['seed']}, {r['resolution']} px",
             f"  RMS distance to the caption's own image: {r['own_rms']:.3f} "
             f"(the VAE round trip alone: {r['vae_rms']:.3f})",

@@ -200,15 +200,19 @@ class EvalSetting:
 # evaluation and its checkpoints'): DDIM 50 steps at the default guidance, kept whatever the
 # generation default is, so that accuracies stay comparable from one model to the next
 REFERENCE_SETTING = EvalSetting("ddim", 50, GENERATION.guidance_scale)
-DEFAULT_SETTINGS = (  # the first row is the default setting: `ldm.config.GENERATION`'s
-    EvalSetting(),
-    *(() if EvalSetting() == REFERENCE_SETTING else (REFERENCE_SETTING,)),
-    EvalSetting("ddim", 50, 1.0),
-    EvalSetting("ddim", 50, 3.0),
-    EvalSetting("ddim", 10),
-    EvalSetting("ddim", 20),
-    EvalSetting("ddim", 100),
-    EvalSetting("ddpm", 1000),
+DEFAULT_SETTINGS = tuple(  # the first row is the default setting: `ldm.config.GENERATION`'s
+    dict.fromkeys(  # without repeats, should the default be the reference
+        (
+            EvalSetting(),
+            REFERENCE_SETTING,
+            EvalSetting("ddim", 50, 1.0),
+            EvalSetting("ddim", 50, 3.0),
+            EvalSetting("ddim", 10),
+            EvalSetting("ddim", 20),
+            EvalSetting("ddim", 100),
+            EvalSetting("ddpm", 1000),
+        )
+    )
 )
 
 
