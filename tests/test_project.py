@@ -41,7 +41,7 @@ EXTRA_PACKAGES = {
     "encoders": {"diffusers", "transformers", "open_clip", "safetensors"},
     "formats": {"safetensors", "diffusers", "transformers"},
     "data": {"PIL", "datasets", "transformers"},  # transformers: a type hint only
-    "pipeline": {"PIL", "safetensors"},
+    "pipeline": {"PIL", "safetensors", "peft"},
     "shapes": {"PIL"},
     "testing": {"diffusers", "transformers", "yaml"},
     "training": {"accelerate", "diffusers", "open_clip", "PIL", "safetensors", "transformers"},

@@ -37,13 +37,15 @@ from ldm.pipeline.loading import (
     write_pipeline_folder,
     write_single_file,
 )
+from ldm.pipeline.lora import LoraAdapters
 from ldm.pipeline.result import GenerationResult, as_output_type
 
 Settings = tuple[int, float, str, float, str]  # (steps, guidance_scale, sampler, eta, sigmas)
 
 
-class LatentDiffusionPipeline:
-    """Text-to-image latent diffusion: our U-Net, a frozen VAE and a frozen text encoder."""
+class LatentDiffusionPipeline(LoraAdapters):
+    """Text-to-image latent diffusion: our U-Net, a frozen VAE and a frozen text encoder, with
+    LoRA adapters (`ldm.pipeline.lora.LoraAdapters`: `load_lora`, `fuse_lora`, ...)."""
 
     def __init__(
         self,
@@ -58,6 +60,7 @@ class LatentDiffusionPipeline:
         self.vae, self.text_encoder = vae, text_encoder
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.name = name
+        self._lora_scales = {}
         s = self.scheduler_config
         self.schedule = NoiseSchedule(
             s.beta_schedule,
@@ -123,6 +126,11 @@ class LatentDiffusionPipeline:
         write_pipeline_folder(path, self._parts())
 
     def _parts(self) -> PipelineParts:
+        if self._lora_scales:
+            raise ValueError(
+                f"LoRA adapters are loaded ({', '.join(self._lora_scales)}): fuse_lora() and "
+                "then unload_lora() to save them into the weights, or unload_lora() first"
+            )
         s = self
         return PipelineParts(s.unet, s.vae, s.text_encoder, s.scheduler_config, s.name)
 
