@@ -116,6 +116,13 @@ def format_parameters(p: dict) -> str:
     if p.get("init_image") is not None:  # quoted as JSON: a path may hold ", "
         fields.append(f"Init image: {json.dumps(str(p['init_image']), ensure_ascii=False)}")
         fields.append(f"Init image SHA256: {p['init_sha256']}")
+    if p.get("loras"):  # A1111's hashes, then ldm's files and scales (JSON: paths hold ", ")
+        hashes = ", ".join(f"{lora['name']}: {lora['hash'][:12]}" for lora in p["loras"])
+        files = [[lora["path"], lora["scale"]] for lora in p["loras"]]
+        fields.append(f"Lora hashes: {json.dumps(hashes)}")
+        fields.append(
+            f"Lora: {json.dumps(json.dumps(files, ensure_ascii=False), ensure_ascii=False)}"
+        )
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -163,7 +170,19 @@ def parse_parameters(text: str) -> dict:
     if "Init image" in fields:  # image-to-image: the image it started from
         record["init_image"] = fields["Init image"]
         record["init_sha256"] = fields.get("Init image SHA256")
+    if "Lora hashes" in fields:  # A1111 writes no files: their paths are then None
+        record["loras"] = _parse_loras(fields["Lora hashes"], json.loads(fields.get("Lora", "[]")))
     return record
+
+
+def _parse_loras(hashes: str, files: list) -> list[dict]:
+    """``Lora hashes`` ("name: 12 hex, ...") and ldm's ``Lora`` ([[path, scale], ...], in the
+    same order) -> [{"name", "hash", "path", "scale"}]."""
+    pairs = [item.split(": ", 1) for item in hashes.split(", ") if ": " in item]
+    loras = [{"name": name, "hash": short, "path": None, "scale": 1.0} for name, short in pairs]
+    for lora, (path, scale) in zip(loras, files, strict=False):
+        lora |= {"path": path, "scale": float(scale)}
+    return loras
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:

@@ -1,6 +1,9 @@
 """LoRA loading against diffusers' `load_lora_weights` on tiny components: diffusers/peft
 and kohya files, scales, several adapters, fuse/unfuse, and bad files."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +11,13 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_kohya
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from ldm import images as imaging
+from ldm.cli import main
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.pipeline.request import GenerateRequest, parse_lora_flag
 
 PROMPT = "a large red circle in the center on a blue background"
 ONE_LEVEL = 1 / 255 + 1e-6
@@ -164,3 +171,64 @@ def test_bad_lora_files_are_refused_with_the_file_and_the_reason(tiny_sd_dir, lo
         pipe.set_lora_scale("x", 1.0)
     assert pipe.lora_scales == {}
     np.testing.assert_array_equal(ours(pipe), before)  # nothing was changed on the way
+
+
+def addnet_hash(path):
+    """A1111's LoRA hash, written out again: SHA-256 of the bytes after the header."""
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()[:12]
+
+
+def test_generate_records_the_lora_as_a1111_does_and_from_png_restores_it(
+    tiny_sd_dir, lora_file, tmp_path
+):
+    lora = tmp_path / "my, style.safetensors"  # a name A1111 strips of ',' and ':'
+    lora.write_bytes(lora_file.read_bytes())
+    args = ["generate", PROMPT, "--model", str(tiny_sd_dir), "--steps", "4", "--seed", "5"]
+    args += ["--sampler", "ddim", "--out", str(tmp_path / "a")]
+    assert main([*args, "--lora", f"{lora}:0.5"]) == 0
+    (png,) = (tmp_path / "a").glob("*.png")
+    text = imaging.read_parameters(png)
+    assert f'Lora hashes: "my style: {addnet_hash(lora)}"' in text
+    manifest = json.loads((tmp_path / "a" / "manifest.jsonl").read_text())
+    assert manifest["loras"][0] | {"hash": None} == {
+        "name": "my style", "path": str(lora), "scale": 0.5, "hash": None
+    }  # fmt: skip
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    kwargs = dict(num_inference_steps=4, sampler="ddim", seed=5, output_type="np", progress=False)
+    plain = pipe(PROMPT, **kwargs).images[0]
+    pipe.load_lora(lora, scale=0.5)
+    expected = (pipe(PROMPT, **kwargs).images[0] * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), expected)
+    assert np.abs(expected / 255 - plain).max() > 20 / 255
+    again = ["generate", "--from-png", str(png), "--model", str(tiny_sd_dir)]
+    assert main([*again, "--out", str(tmp_path / "b")]) == 0
+    (png_again,) = (tmp_path / "b").glob("*.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(png_again)), expected)
+    state = load_file(lora)
+    save_file({k: v * 1.01 for k, v in state.items()}, lora)
+    with pytest.raises(ValueError, match=r"made with the LoRA my style .* has changed; pass it"):
+        GenerateRequest.from_png(png)
+    lora.unlink()
+    with pytest.raises(ValueError, match="is missing; pass it with --lora"):
+        GenerateRequest.from_png(png)
+    restored = GenerateRequest.from_png(png, loras=[(str(lora_file), 0.5)])
+    assert restored.loras == [(str(lora_file), 0.5)]
+
+
+def test_lora_flags_and_a1111_infotext():
+    assert parse_lora_flag("style.safetensors:0.8") == ("style.safetensors", 0.8)
+    assert parse_lora_flag("style.safetensors") == ("style.safetensors", 1.0)
+    assert parse_lora_flag("a:b/style.safetensors") == ("a:b/style.safetensors", 1.0)
+    assert parse_lora_flag("C:\\loras\\style.safetensors") == ("C:\\loras\\style.safetensors", 1.0)
+    with pytest.raises(ValueError, match="the scale after the last ':' must be a number"):
+        parse_lora_flag("style.safetensors:strong")
+    a1111 = (
+        "a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, "
+        'Size: 512x512, Model: sd15, Lora hashes: "add_detail: 7c6bad76eb54, more: 3b8aa1d351ef"'
+    )
+    record = imaging.parse_parameters(a1111)
+    assert record["loras"] == [
+        {"name": "add_detail", "hash": "7c6bad76eb54", "path": None, "scale": 1.0},
+        {"name": "more", "hash": "3b8aa1d351ef", "path": None, "scale": 1.0},
+    ]

@@ -270,7 +270,7 @@ def test_generate_command_writes_pngs_manifest_and_never_overwrites(tiny_sd_dir,
     ]
     assert manifest[0] | {"file": None} == {
         "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 5, "sampler": "euler", "sigmas": "karras", "steps": 4, "guidance_scale": 7.5,
-        "eta": 0.0, "width": 32, "height": 32, "strength": None, "init_image": None, "init_sha256": None, "model": tiny_sd_dir.name, "file": None,
+        "eta": 0.0, "width": 32, "height": 32, "strength": None, "init_image": None, "init_sha256": None, "loras": None, "model": tiny_sd_dir.name, "file": None,
     }  # fmt: skip
     settings = imaging.parse_parameters(imaging.read_parameters(out / "00001-6.png"))
     assert (

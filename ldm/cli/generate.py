@@ -95,6 +95,13 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "--from-png",
         help="reuse the settings stored in a PNG made by ldm (flags given override them)",
     )
+    generate.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="apply a LoRA file (diffusers or kohya/A1111 layout) at a scale (default 1); "
+        "repeat for several",
+    )
     _add_output_arguments(generate)
     generate.set_defaults(func=generate_command)
 
@@ -241,6 +248,7 @@ def generate_command(args: argparse.Namespace) -> None:
         width=args.width,
         init_image=args.init_image,
         strength=args.strength,
+        loras=[g.parse_lora_flag(text) for text in args.lora] if args.lora else None,
     )
     prompts = [args.prompt] if args.prompt is not None else []  # "": the unconditional prompt
     if args.from_file:

@@ -18,6 +18,7 @@ or whose shapes differ, before any weight is touched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,23 @@ class LoraPart:
 
     state_dict: dict[str, Tensor]
     config: dict
+
+
+def lora_hash(path: str | Path) -> str:
+    """A1111's hash of a LoRA file (kohya's ``addnet`` hash): the SHA-256 of the bytes after
+    the safetensors header, so editing the metadata keeps it; A1111 records its first 12 hex
+    digits in ``Lora hashes``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def a1111_lora_name(path: str | Path) -> str:
+    """The name A1111 writes for a LoRA file in ``Lora hashes``: its stem without ':' or ','."""
+    return Path(path).stem.replace(":", "").replace(",", "")
 
 
 def read_lora(path: str | Path) -> dict[str, LoraPart]:

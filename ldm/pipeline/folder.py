@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ldm import images as imaging
 from ldm.config import DEFAULT_MODEL, GENERATION
+from ldm.formats.lora import a1111_lora_name, lora_hash
 from ldm.pipeline.checks import draw_seed
 from ldm.pipeline.request import (
     GenerateRequest,
@@ -25,6 +26,7 @@ from ldm.pipeline.request import (
     available_memory,
     check_device,
     output_size,
+    parse_lora_flag,
     parse_memory,
     plan_batches,
     read_prompts,
@@ -41,6 +43,7 @@ __all__ = [  # what ``ldm generate`` (ldm.cli) reads from here
     "check_device",
     "find_model_folder",
     "generate_to_folder",
+    "parse_lora_flag",
     "parse_memory",
     "plan_batches",
     "read_prompts",
@@ -56,7 +59,7 @@ MANIFEST_KEYS = (
     "guidance_scale",
     "eta",
 )
-MANIFEST_KEYS += ("width", "height", "strength", "init_image", "init_sha256", "model")
+MANIFEST_KEYS += ("width", "height", "strength", "init_image", "init_sha256", "loras", "model")
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +104,32 @@ def generate_to_folder(
     With a seed S, image k of the whole run gets seed S + k, so any image can be made again
     alone with its recorded seed; with none, S is drawn once and recorded.
     """
-    out = Path(out)
+    loras = [lora_entry(path, scale) for path, scale in request.loras]
+    loaded = []
+    try:  # the LoRAs are loaded for this run only: the pipeline is left as it was
+        for lora in loras:
+            loaded.append(pipe.load_lora(lora["path"], lora["scale"], name=lora["name"]))
+        extra = {"loras": loras} if loras else {}
+        return _generate(pipe, request, Path(out), extra, grid, batch_size, size, progress)
+    finally:
+        for name in loaded:
+            pipe.unload_lora(name)
+
+
+def lora_entry(path: str, scale: float) -> dict:
+    """How a LoRA of a run is recorded (PNG parameters, manifest): A1111's name and hash, the
+    file and the scale."""
+    return {
+        "name": a1111_lora_name(path),
+        "hash": lora_hash(path),
+        "path": str(path),
+        "scale": scale,
+    }
+
+
+def _generate(pipe, request, out, lora_record, grid, batch_size, size, progress) -> list[Path]:
+    """`generate_to_folder`'s work once its LoRAs are loaded; ``lora_record`` goes into every
+    image's record."""
     if request.init_image is not None and request.strength is None:
         request = dataclasses.replace(request, strength=GENERATION.strength)
     height, width = size if size is not None else output_size(request, pipe.downscale_factor)
@@ -141,7 +169,7 @@ def generate_to_folder(
                 prompts, init, strength=request.strength, seed=seeds, progress=steps_bar, **common
             )
         for image, record in zip(result.images, result.parameters, strict=True):
-            path = save_image(out, image, record | (init_record or {}))
+            path = save_image(out, image, record | (init_record or {}) | lora_record)
             paths.append(path)
             if grid:
                 pil_images.append(image)

@@ -42,14 +42,15 @@ class LoraAdapters:
 
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
         """Load a LoRA file (diffusers/peft or kohya/A1111 layout, U-Net and text-encoder
-        parts) as adapter ``name`` (default: the file's stem) at ``scale``; returns the name.
-        Adapters already loaded stay active with their own scales."""
+        parts) as adapter ``name`` at ``scale``, and return the name: by default the file's
+        stem, with characters other than letters, digits, "_" and "-" made "_". Adapters
+        already loaded stay active with their own scales."""
         from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
         from ldm.formats.lora import check_lora_fits, read_lora
 
         path = Path(path)
-        name = name or re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", name or path.stem)  # peft's names hold no "."
         if name in self.lora_scales:
             raise ValueError(f"a LoRA named {name!r} is loaded already; pass another name=")
         parts = read_lora(path)

@@ -21,6 +21,7 @@ from ldm.config import GENERATION, SchedulerConfig
 from ldm.config.generation import MAX_BATCH
 from ldm.config.names import SigmaScheduleName
 from ldm.diffusion.registry import resolve_sampler
+from ldm.formats.lora import lora_hash
 from ldm.pipeline.checks import DEFAULT_SAMPLE_SIZE, MAX_SEED
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -43,6 +44,7 @@ class GenerateRequest:
     width: int | None = None
     init_image: str | None = None
     strength: float | None = None  # None: text-to-image, or GENERATION.strength with init_image
+    loras: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # (path, scale)
 
     def check(self) -> None:
         """The values as ``ldm generate``'s flags gave them, before any model is loaded: each
@@ -74,6 +76,11 @@ class GenerateRequest:
                 raise ValueError(f"--strength {self.strength} is not allowed; use 0 to 1")
         if self.init_image is not None:
             check_image(self.init_image, "--init-image")
+        for path, scale in self.loras:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--lora {path}: no such file")
+            if not math.isfinite(scale):
+                raise ValueError(f"--lora {path}:{scale}: the scale must be a finite number")
 
     @classmethod
     def from_png(cls, path: str | Path, **overrides) -> GenerateRequest:
@@ -95,8 +102,11 @@ class GenerateRequest:
             width=p["width"],
             strength=p["strength"],
             init_image=p.get("init_image"),
+            loras=[(lora["path"], lora["scale"]) for lora in p.get("loras", [])],
         )
         given = {k: v for k, v in overrides.items() if v is not None}
+        if "loras" not in given:
+            _check_recorded_loras(path, p.get("loras", []))
         if p["strength"] is not None and "init_image" not in given:
             init = p.get("init_image")
             if init is None:
@@ -111,6 +121,37 @@ class GenerateRequest:
                     f"{str(p.get('init_sha256'))[:12]}...), which {state}; pass it with --init-image"
                 )
         return dataclasses.replace(request, **given)
+
+
+def _check_recorded_loras(png: str | Path, loras: list[dict]) -> None:
+    """A clear error unless every LoRA a PNG records is where it was, with the same hash."""
+    for lora in loras:
+        path = lora["path"]
+        if path is None:
+            state = "its file is not recorded (an A1111 image)"
+        elif not Path(path).is_file():
+            state = f"{path} is missing"
+        elif lora_hash(path)[:12] != lora["hash"][:12]:
+            state = f"{path} has changed"
+        else:
+            continue
+        raise ValueError(
+            f"--from-png {png} was made with the LoRA {lora['name']} (hash {lora['hash'][:12]}), "
+            f"and {state}; pass it with --lora PATH[:SCALE]"
+        )
+
+
+def parse_lora_flag(text: str) -> tuple[str, float]:
+    """``--lora PATH[:SCALE]`` -> (path, scale); the scale defaults to 1."""
+    path, _, scale = text.rpartition(":")
+    if not path or "/" in scale or "\\" in scale:  # no scale, or a drive letter's colon
+        return text, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise ValueError(
+            f"--lora {text}: the scale after the last ':' must be a number, e.g. --lora {path}:0.8"
+        ) from None
 
 
 def _png_parameters(path: str | Path) -> dict:
