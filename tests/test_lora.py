@@ -123,10 +123,12 @@ def test_a_text_encoder_lora_acts_as_the_peft_model_that_made_it(tiny_sd_dir, tm
 def test_fuse_then_unfuse_returns_the_original_weights(tiny_sd_dir, lora_file):
     pipe = LatentDiffusionPipeline.from_pretrained(tiny_sd_dir)
     original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    pipe.load_lora(lora_file, scale=0.8)
+    name = pipe.load_lora(lora_file, scale=0.8)
     unfused = ours(pipe)
     pipe.fuse_lora()
     np.testing.assert_allclose(ours(pipe), unfused, rtol=0, atol=ONE_LEVEL)
+    with pytest.raises(ValueError, match="fused into the weights; unfuse_lora"):
+        pipe.set_lora_scale(name, 0.3)  # unfusing would then subtract another delta
     pipe.unfuse_lora()
     pipe.unload_lora()
     restored = pipe.unet.state_dict()

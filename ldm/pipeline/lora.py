@@ -53,6 +53,7 @@ class LoraAdapters:
         name = re.sub(r"[^A-Za-z0-9_-]", "_", name or path.stem)  # peft's names hold no "."
         if name in self.lora_scales:
             raise ValueError(f"a LoRA named {name!r} is loaded already; pass another name=")
+        self._check_not_fused(f"load_lora({str(path)!r})")
         parts = read_lora(path)
         modules = self._lora_modules()
         if missing := sorted(set(parts) - set(modules)):
@@ -78,6 +79,7 @@ class LoraAdapters:
     def set_lora_scale(self, name: str, scale: float) -> None:
         """Set adapter ``name``'s scale (0 switches it off; 1 is as trained)."""
         self._check_lora_name(name)
+        self._check_not_fused(f"set_lora_scale({name!r}, {scale})")
         self._lora_scales[name] = float(scale)
         self._apply_lora_scales()
 
@@ -87,6 +89,9 @@ class LoraAdapters:
         names = [name] if name is not None else list(self.lora_scales)
         for n in names:
             self._check_lora_name(n)
+        if len(names) < len(self._lora_scales):  # the others' fused weights would stay
+            self._check_not_fused(f"unload_lora({name!r})")
+        for n in names:
             del self._lora_scales[n]
         for module in self._lora_modules().values():
             for _, layer in _tuner_layers(module):
@@ -114,6 +119,14 @@ class LoraAdapters:
         if name not in self.lora_scales:
             loaded = ", ".join(self.lora_scales) or "none"
             raise ValueError(f"no LoRA named {name!r} is loaded; loaded: {loaded}")
+
+    def _check_not_fused(self, action: str) -> None:
+        if any(
+            layer.merged
+            for module in self._lora_modules().values()
+            for _, layer in _tuner_layers(module)
+        ):
+            raise ValueError(f"{action}: the LoRAs are fused into the weights; unfuse_lora() first")
 
     def _apply_lora_scales(self) -> None:
         """Activate every loaded adapter in every LoRA layer, each at its scale."""
