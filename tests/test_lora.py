@@ -157,11 +157,13 @@ def test_bad_lora_files_are_refused_with_the_file_and_the_reason(tiny_sd_dir, lo
     }
     save_file(wider, tmp_path / "shape.safetensors")
     save_file({"text_encoder_2.x.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "sdxl.safetensors")
+    save_file({k: v for k, v in state.items() if "lora_A" in k}, tmp_path / "noup.safetensors")
     cases = {
         "cut": "is truncated",
         "keys": "LoRA modules match nothing in the unet .first: down_blocks.*to_query",
         "shape": "do not fit its weight",
         "sdxl": "keys belong to no part",
+        "noup": "the unet keys hold no lora_B .up. weights: not a LoRA",
     }
     for stem, message in cases.items():
         with pytest.raises(ValueError, match=message) as error:

@@ -103,6 +103,8 @@ def read_lora(path: str | Path) -> dict[str, LoraPart]:
         if own:
             own_alphas = _part_entries(alphas, part)
             own_metadata = _part_entries(metadata, part)  # flat keys "unet.r", as diffusers'
+            if not any("lora_B" in k or "lora.up" in k or "lora_linear_layer.up" in k for k in own):
+                raise ValueError(f"{path}: the {part} keys hold no lora_B (up) weights: not a LoRA")
             parts[part] = _peft_part(own, own_alphas, own_metadata, is_unet=part == "unet")
     return parts
 
@@ -156,8 +158,6 @@ def _peft_part(
     else:
         state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
     rank = {f"^{k}": v.shape[1] for k, v in state.items() if "lora_B" in k and v.ndim > 1}
-    if not rank:
-        raise ValueError("no lora_B (lora_up) weights: not a LoRA")
     config = metadata or get_peft_kwargs(rank, alphas, state, is_unet=is_unet)
     return LoraPart(state, dict(config))
 
