@@ -246,12 +246,12 @@ def benchmark_default_generate(*, repeats: int = 5) -> dict:
     }
 
 
-def benchmark_sampler_overhead(*, batch: int = 8, steps: int = 20, repeats: int = 5) -> list[dict]:
+def benchmark_sampler_overhead(*, batch: int = 8, steps: int = 20, repeats: int = 5) -> dict:
     """The samplers' own work (everything but the model calls) against one model call of the
     shipped model: its U-Net with classifier-free guidance (2 x ``batch`` rows) at guidance
     `GENERATION.guidance_scale`. Each sampler runs ``steps`` steps with a model callable that
     returns a stored output of the real one, so what is timed is the sampler alone; its time per
-    model call is divided by the real call's."""
+    model call is divided by the real call's. Returns ``model_call_s`` and a row per sampler."""
     from ldm.diffusion.registry import SAMPLERS, model_calls, run_sampler
     from ldm.diffusion.samplers import guided_eps_fn
     from ldm.pipeline import LatentDiffusionPipeline
@@ -282,6 +282,7 @@ def benchmark_sampler_overhead(*, batch: int = 8, steps: int = 20, repeats: int 
                 generator=generators,
             )
 
+        model_call_s = call["call"].median_s
         rows = []
         for name in SAMPLERS:
             timing = interleaved(
@@ -294,8 +295,7 @@ def benchmark_sampler_overhead(*, batch: int = 8, steps: int = 20, repeats: int 
                     "steps": steps,
                     "batch": batch,
                     "sampler_s_per_call": per_call,
-                    "model_call_s": call["call"].median_s,
-                    "overhead": per_call / call["call"].median_s,
+                    "overhead": per_call / model_call_s,
                 }
             )
-    return rows
+    return {"model_call_s": model_call_s, "samplers": rows}

@@ -161,15 +161,15 @@ def run_pipeline(args: argparse.Namespace, env: dict[str, str]) -> None:
 
 
 def run_samplers(args: argparse.Namespace, env: dict[str, str]) -> None:
-    rows = benchmark_sampler_overhead(batch=args.batch, steps=args.steps, repeats=args.repeats)
-    call = rows[0]["model_call_s"]
+    result = benchmark_sampler_overhead(batch=args.batch, steps=args.steps, repeats=args.repeats)
+    call = result["model_call_s"]
     print(
         f"shipped model, batch {args.batch} with guidance ({2 * args.batch} U-Net rows), "
         f"{args.steps} steps; one model call {1000 * call:.1f} ms"
     )
     print("| sampler | sampler's own work per model call, ms | share of a model call |")
     print("|---|---:|---:|")
-    for r in rows:
+    for r in result["samplers"]:
         ms = 1000 * r["sampler_s_per_call"]
         print(f"| {r['sampler']} | {ms:.3f} | {r['overhead']:.2%} |")
 

@@ -34,6 +34,9 @@ SAMPLERS = (
 )
 
 
+GUIDANCE = 7.5  # the table's guidance scale, whatever the generation default is
+
+
 def label_of(sampler: str, sigmas: str | None) -> str:
     return sampler if sigmas is None else f"{sampler} {sigmas}"
 
@@ -84,7 +87,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(CALLS, [str(c) for c in CALLS])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.suptitle("Held-out shapes, guidance 7.5, n = 200 per point")
+    fig.suptitle(f"Held-out shapes, guidance {GUIDANCE:g}, n = 200 per point")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -115,7 +118,7 @@ def main() -> None:
         if args.only and label not in args.only:
             continue
         for calls in args.calls:
-            setting = EvalSetting(sampler, steps_for(sampler, calls), 7.5, sigmas)
+            setting = EvalSetting(sampler, steps_for(sampler, calls), GUIDANCE, sigmas)
             accuracy = evaluate(pipe, n=args.n, settings=[setting], seed=args.seed)[setting.name]
             row = {"label": label, "steps": setting.num_steps, "seed": args.seed}
             row |= {"calls": model_calls(sampler, setting.num_steps), **accuracy}
