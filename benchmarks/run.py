@@ -6,6 +6,7 @@
     python -m benchmarks.run train [--model default]
     python -m benchmarks.run generate-default
     python -m benchmarks.run samplers [--batch 8] [--steps 20]
+    python -m benchmarks.run lora [--data data/icons/train] [--heldout data/icons/heldout]
 
 `unet` times one forward pass of our U-Net and of diffusers' UNet2DConditionModel with
 identical weights: on the CPU in fp32 at the given size, and, when CUDA is present, in fp16
@@ -21,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.adapters import benchmark_lora
 from benchmarks.inference import (
     CONV_SHAPES,
     DEFAULT_MODEL_IMAGES,
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     samplers.add_argument("--batch", type=int, default=8)
     samplers.add_argument("--steps", type=int, default=20)
     samplers.add_argument("--repeats", type=int, default=5)
+    lora = sub.add_parser("lora", help="LoRA against full fine-tuning of the shipped model")
+    lora.add_argument("--data", default="data/icons/train")
+    lora.add_argument("--heldout", default="data/icons/heldout")
+    lora.add_argument("--out", default="runs/bench-lora")
+    lora.add_argument("--n", type=int, default=100, help="captions evaluated (default: 100)")
     pipeline = sub.add_parser("pipeline", help="our pipeline against diffusers' on tiny components")
     pipeline.add_argument("--repeats", type=int, default=9)
     return parser
@@ -174,6 +181,28 @@ def run_samplers(args: argparse.Namespace, env: dict[str, str]) -> None:
         print(f"| {r['sampler']} | {ms:.3f} | {r['overhead']:.2%} |")
 
 
+def run_lora(args: argparse.Namespace, env: dict[str, str]) -> None:
+    from pathlib import Path
+
+    r = benchmark_lora(args.data, args.heldout, Path(args.out), n=args.n)
+    base = r["base"]["own_rms"]
+    print(f"shipped model fine-tuned on {args.data}; ldm eval on {args.n} training captions")
+    print(
+        "| run | steps/s | minutes | peak RSS, MiB | trainable parameters | exported file, MiB "
+        "| RMS to own image |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| shipped model | | | | | | {base:.3f} |")
+    for name in ("full fine-tune", "LoRA rank 4"):
+        x = r[name]
+        print(
+            f"| {name} | {x['steps_per_s']:.2f} | {x['minutes']:.1f} | {x['peak_rss_mib']:.0f} "
+            f"| {x['trainable_parameters']:,} | {x['exported_mib']:.2f} | {x['own_rms']:.3f} |"
+        )
+    share = r["LoRA rank 4"]["share_of_full_effect"]
+    print(f"LoRA's move toward the data as a share of the full fine-tune's: {share:.0%}")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], None]] = {
     "unet": run_unet,
     "conv": run_conv,
@@ -181,6 +210,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], None]] = {
     "generate-default": run_generate_default,
     "pipeline": run_pipeline,
     "samplers": run_samplers,
+    "lora": run_lora,
 }
 
 

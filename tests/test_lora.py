@@ -120,6 +120,29 @@ def test_a_text_encoder_lora_acts_as_the_peft_model_that_made_it(tiny_sd_dir, tm
     np.testing.assert_allclose(ours(pipe), theirs(maker), rtol=0, atol=ONE_LEVEL)
 
 
+def test_text_encoder_keys_of_either_transformers_load_alike(tiny_sd_dir, tmp_path):
+    """Shared SD 1.x files name the text encoder's modules ``text_model.encoder...`` (as
+    transformers 4 did); transformers 5's CLIPTextModel has no ``text_model`` level. Both
+    spellings of one LoRA, in diffusers' and kohya's layouts, give the same images."""
+    path, _ = make_lora(tiny_sd_dir, tmp_path, seed=3, text_encoder=True)
+    state = load_file(path)
+    shared = {
+        k.replace("text_encoder.", "text_encoder.text_model.", 1): v for k, v in state.items()
+    }
+    save_file(shared, tmp_path / "shared.safetensors")
+    save_file(convert_state_dict_to_kohya(shared), tmp_path / "kohya.safetensors")
+    assert any(
+        k.startswith("lora_te1_text_model_") for k in load_file(tmp_path / "kohya.safetensors")
+    )
+    images = []
+    for file in (path, tmp_path / "shared.safetensors", tmp_path / "kohya.safetensors"):
+        pipe = LatentDiffusionPipeline.from_pretrained(tiny_sd_dir)
+        pipe.load_lora(file)
+        images.append(ours(pipe))
+    np.testing.assert_allclose(images[1], images[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(images[2], images[0], rtol=0, atol=ONE_LEVEL)
+
+
 def test_fuse_then_unfuse_returns_the_original_weights(tiny_sd_dir, lora_file):
     pipe = LatentDiffusionPipeline.from_pretrained(tiny_sd_dir)
     original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
@@ -218,6 +241,14 @@ def test_generate_records_the_lora_as_a1111_does_and_from_png_restores_it(
         GenerateRequest.from_png(png)
     restored = GenerateRequest.from_png(png, loras=[(str(lora_file), 0.5)])
     assert restored.loras == [(str(lora_file), 0.5)]
+    # two files of one name from two folders: both apply, as one file at the scales' sum
+    (tmp_path / "x").mkdir()
+    twin = tmp_path / "x" / lora_file.name
+    twin.write_bytes(lora_file.read_bytes())
+    flags = ["--lora", f"{lora_file}:0.25", "--lora", f"{twin}:0.25", "--out", str(tmp_path / "c")]
+    assert main([*args[:-2], *flags]) == 0
+    (png_twins,) = (tmp_path / "c").glob("*.png")
+    np.testing.assert_allclose(np.asarray(Image.open(png_twins)), expected, rtol=0, atol=1)
 
 
 def test_lora_flags_and_a1111_infotext():

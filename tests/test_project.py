@@ -44,7 +44,15 @@ EXTRA_PACKAGES = {
     "pipeline": {"PIL", "safetensors", "peft"},
     "shapes": {"PIL"},
     "testing": {"diffusers", "transformers", "yaml"},
-    "training": {"accelerate", "diffusers", "open_clip", "PIL", "safetensors", "transformers"},
+    "training": {
+        "accelerate",
+        "diffusers",
+        "open_clip",
+        "peft",
+        "PIL",
+        "safetensors",
+        "transformers",
+    },
 }
 ALWAYS = {"torch", "numpy", "tqdm"}
 MODULES = sorted(PACKAGE.rglob("*.py"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ldm.cli.options import DEFAULT, add_caption_column, add_resolution, add_seed
+from ldm.cli.options import DEFAULT, add_caption_column, add_lora, add_resolution, add_seed
 from ldm.config import GENERATION, expand_default_model
 from ldm.config.names import SAMPLER_NAMES, SIGMA_SCHEDULES
 
@@ -78,6 +78,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         help="a CLIP stage's folder (ldm train-clip's OUTPUT_DIR, or a recipe's OUT/clip): rank "
         "each generated image's caption among others with its image and text towers",
     )
+    add_lora(on_data)
     on_data.set_defaults(func=eval_command)
 
 
@@ -100,6 +101,7 @@ def eval_command(args: argparse.Namespace) -> None:
     from ldm.data import HUB_NAME
     from ldm.data.metrics import evaluate_on_data, format_results
     from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.pipeline.request import parse_lora_flag
     from ldm.training.pretrain import load_retrieval
 
     def data(path: str) -> DataConfig:
@@ -109,8 +111,11 @@ def eval_command(args: argparse.Namespace) -> None:
         if path is not None and not Path(path).exists() and not HUB_NAME.match(path):
             raise FileNotFoundError(f"{flag} {path}: no such file or folder")
 
+    pipe = LatentDiffusionPipeline.from_pretrained(expand_default_model(args.model))
+    for path, scale in map(parse_lora_flag, args.lora or []):
+        pipe.load_lora(path, scale)
     results = evaluate_on_data(
-        LatentDiffusionPipeline.from_pretrained(expand_default_model(args.model)),
+        pipe,
         data(args.data),
         n=args.n,
         heldout=data(args.heldout) if args.heldout else None,

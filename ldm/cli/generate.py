@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ldm.cli.options import DEFAULT
+from ldm.cli.options import DEFAULT, add_lora
 from ldm.config import GENERATION, UNET_PRESETS, SchedulerConfig
 from ldm.config.generation import MAX_BATCH
 from ldm.config.names import BETA_SCHEDULES, SAMPLER_NAMES, SIGMA_SCHEDULES, TIMESTEP_SPACINGS
@@ -95,13 +95,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "--from-png",
         help="reuse the settings stored in a PNG made by ldm (flags given override them)",
     )
-    generate.add_argument(
-        "--lora",
-        action="append",
-        metavar="PATH[:SCALE]",
-        help="apply a LoRA file (diffusers or kohya/A1111 layout) at a scale (default 1); "
-        "repeat for several",
-    )
+    add_lora(generate)
     _add_output_arguments(generate)
     generate.set_defaults(func=generate_command)
 

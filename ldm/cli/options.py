@@ -24,3 +24,14 @@ def add_resolution(parser: argparse.ArgumentParser, what: str = "") -> None:
 
 def add_seed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help=DEFAULT)
+
+
+def add_lora(parser: argparse.ArgumentParser) -> None:
+    """``--lora PATH[:SCALE]``, repeatable (`ldm.pipeline.request.parse_lora_flag` reads it)."""
+    parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="apply a LoRA file (diffusers or kohya/A1111 layout) at a scale (default 1); "
+        "repeat for several",
+    )

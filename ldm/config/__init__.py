@@ -2,6 +2,7 @@
 generation defaults (`generation`), the names a setting may take (`names`), and YAML into
 dataclasses (`io`). This package imports nothing else of ldm: every layer may read it."""
 
+from ldm.config.adapters import LoraSettings, TextualInversionSettings
 from ldm.config.generation import GENERATION, GenerationDefaults
 from ldm.config.model import (
     CONFIG_FILES,
@@ -42,7 +43,9 @@ __all__ = [
     "CLIPTrainConfig",
     "DataConfig",
     "GenerationDefaults",
+    "LoraSettings",
     "SchedulerConfig",
+    "TextualInversionSettings",
     "TrainConfig",
     "TrainSettings",
     "UNetConfig",

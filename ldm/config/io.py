@@ -76,7 +76,7 @@ def build_config(cls, data: Any, where: str = "", nested: dict[str, type] | None
         raise ValueError(f"missing required key {', '.join(where + k for k in missing)}")
     kwargs = {}
     for key, value in data.items():
-        if nested and key in nested:
+        if nested and key in nested and not (value is None and fields[key].default is None):
             kwargs[key] = build_config(nested[key], value, f"{key}.")
         else:
             kwargs[key] = coerce(where + key, str(fields[key].type), value)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ldm.config.adapters import LoraSettings, TextualInversionSettings
 from ldm.config.generation import GENERATION
 from ldm.config.io import build_config, check_positive, read_yaml
 from ldm.config.model import DEFAULT_MODEL
@@ -147,7 +148,8 @@ class TrainConfig:
     ``model``: a pipeline folder to fine-tune (its U-Net trains; VAE and text encoder stay
     frozen), or ``default`` for the shipped default model (`expand_default_model`). Or ``unet`` (a
     preset name or a U-Net config.json) with ``vae`` and ``text_encoder`` folders, to train a
-    fresh U-Net.
+    fresh U-Net. With a ``lora`` section only LoRA adapters train; with ``textual_inversion``
+    only a new token's embedding (either on a ``model``).
     """
 
     data: DataConfig
@@ -158,9 +160,12 @@ class TrainConfig:
     output_dir: str = "runs/train"
     train: TrainSettings = dataclasses.field(default_factory=TrainSettings)
     validation: ValidationSettings = dataclasses.field(default_factory=ValidationSettings)
+    lora: LoraSettings | None = None
+    textual_inversion: TextualInversionSettings | None = None
 
     def __post_init__(self) -> None:
         self.model = expand_default_model(self.model)
+        self._check_adapters()
         if self.model is None and (
             self.unet is None or self.vae is None or self.text_encoder is None
         ):
@@ -168,6 +173,29 @@ class TrainConfig:
                 "say what to train: model: a pipeline folder to fine-tune, or unet (a preset or "
                 "config.json) together with vae and text_encoder folders"
             )
+
+    def _check_adapters(self) -> None:
+        """A ``lora`` or ``textual_inversion`` run trains its adapter only, on a ``model``."""
+        t, what = self.train, ("lora" if self.lora else "textual_inversion")
+        if self.lora is None and self.textual_inversion is None:
+            return
+        problems = [
+            (self.lora is not None and self.textual_inversion is not None, "use one of them"),
+            (self.model is None, "it needs a model: (a pipeline folder or default) to adapt"),
+            (t.train_vae_decoder, "it trains no VAE decoder; set train.train_vae_decoder: false"),
+            (
+                t.train_text_encoder,
+                "set train.train_text_encoder: false"
+                + ("; lora.text_encoder: true adapts it" if self.lora else ""),
+            ),
+            (
+                t.cache_latents and (self.textual_inversion or self.lora.text_encoder),
+                "the text encoder's embeddings change every step; set train.cache_latents: false",
+            ),
+        ]
+        for bad, fix in problems:
+            if bad:
+                raise ValueError(f"a {what} run: {fix}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -183,7 +211,13 @@ class TrainConfig:
 
 
 # TrainConfig's sections, each a dataclass of its own.
-_NESTED = {"data": DataConfig, "train": TrainSettings, "validation": ValidationSettings}
+_NESTED = {
+    "data": DataConfig,
+    "train": TrainSettings,
+    "validation": ValidationSettings,
+    "lora": LoraSettings,
+    "textual_inversion": TextualInversionSettings,
+}
 
 
 @dataclass

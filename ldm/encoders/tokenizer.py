@@ -104,12 +104,42 @@ def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+def placeholder_tokens(tokenizer: CLIPTokenizer) -> dict[str, list[str]]:
+    """The tokens added for textual-inversion embeddings (`ldm.encoders.placeholders`), each
+    with the tokens its vectors have: ``{"<cat>": ["<cat>", "<cat>_1", "<cat>_2"]}`` for a
+    3-vector embedding, as diffusers names them. Special tokens (start, end, pad) are not
+    placeholders."""
+    added = {t.content for t in tokenizer.added_tokens_decoder.values() if not t.special}
+    groups = {}
+    for token in sorted(added):
+        base = re.fullmatch(r"(.+)_\d+", token)
+        if base and base[1] in added:
+            continue  # a later vector of another token
+        names = [token]
+        while f"{token}_{len(names)}" in added:
+            names.append(f"{token}_{len(names)}")
+        groups[token] = names
+    return groups
+
+
+def expand_placeholders(text: str, groups: dict[str, list[str]]) -> str:
+    """``text`` (cleaned, lower case) with every multi-vector placeholder written out as its
+    tokens, "a <cat>" -> "a <cat> <cat>_1 <cat>_2" (diffusers' `maybe_convert_prompt`); a
+    placeholder already followed by ``_1`` is left alone."""
+    for token, names in groups.items():
+        if len(names) > 1:
+            written_out = " ".join(names).lower().replace("\\", r"\\")  # a literal replacement
+            text = re.sub(re.escape(token.lower()) + r"(?!_\d)", written_out, text)
+    return text
+
+
 def clip_encode(tokenizer: CLIPTokenizer, prompts: list[str], **kwargs) -> dict:
-    """Tokenize cleaned prompts as CLIP was trained. ``split_special_tokens``: "!!!" stays one
-    token when "!" is the pad token, as in open_clip."""
-    return tokenizer(
-        [clean_prompt(p) for p in prompts], split_special_tokens=True, verbose=False, **kwargs
-    )
+    """Tokenize cleaned prompts as CLIP was trained, multi-vector placeholder tokens written
+    out (`expand_placeholders`). ``split_special_tokens``: "!!!" stays one token when "!" is
+    the pad token, as in open_clip; added (placeholder) tokens are not special and stay whole."""
+    groups = placeholder_tokens(tokenizer)
+    texts = [expand_placeholders(clean_prompt(p), groups) for p in prompts]
+    return tokenizer(texts, split_special_tokens=True, verbose=False, **kwargs)
 
 
 def count_tokens(tokenizer: CLIPTokenizer, prompts: list[str] | str) -> list[int]:

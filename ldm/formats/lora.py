@@ -33,6 +33,9 @@ from ldm.formats.single_file import check_safetensors
 PARTS = ("unet", "text_encoder")  # diffusers' prefixes, and the pipeline's attributes
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata: LoraConfig per part
+# CLIPTextModel's module names begin with "text_model." in every shared file (transformers 4);
+# transformers 5 dropped that level. Files keep it; `names_for` fits it to the model at hand.
+TEXT_MODEL = "text_model."
 
 
 @dataclass
@@ -160,6 +163,39 @@ def _peft_part(
     rank = {f"^{k}": v.shape[1] for k, v in state.items() if "lora_B" in k and v.ndim > 1}
     config = metadata or get_peft_kwargs(rank, alphas, state, is_unet=is_unet)
     return LoraPart(state, dict(config))
+
+
+def names_for(part: LoraPart, module: nn.Module) -> LoraPart:
+    """``part`` with its module names as ``module`` spells them: ``text_model.`` removed for a
+    transformers 5 `CLIPTextModel` (which has no ``text_model`` level), added for an older one;
+    in the weights' keys and in the config's targets and rank/alpha patterns alike."""
+    has_level = any(n.startswith(TEXT_MODEL) for n, _ in module.named_modules())
+    keys_level = any(k.startswith(TEXT_MODEL) for k in part.state_dict)
+    if has_level == keys_level or not hasattr(module, "encoder" if keys_level else "text_model"):
+        return part
+
+    def rename(name: str) -> str:
+        caret = "^" if name.startswith("^") else ""
+        name = name.removeprefix(caret)
+        if keys_level:
+            return caret + name.removeprefix(TEXT_MODEL)
+        return caret + (TEXT_MODEL + name if name.startswith(("encoder.", "embeddings.")) else name)
+
+    config = dict(part.config)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            config[key] = {rename(k): v for k, v in config[key].items()}
+    if isinstance(config.get("target_modules"), list | set | tuple):
+        config["target_modules"] = [rename(t) for t in config["target_modules"]]
+    return LoraPart({rename(k): v for k, v in part.state_dict.items()}, config)
+
+
+def with_file_names(state: dict[str, Tensor], module: nn.Module) -> dict[str, Tensor]:
+    """A text encoder's LoRA weights named as shared files name them (``text_model.`` first),
+    whichever transformers ``module`` comes from; other parts' weights unchanged."""
+    if not hasattr(module, "encoder") or hasattr(module, "text_model"):
+        return state
+    return {TEXT_MODEL + k: v for k, v in state.items()}
 
 
 def check_lora_fits(part: LoraPart, module: nn.Module, part_name: str, source: str) -> None:

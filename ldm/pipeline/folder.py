@@ -107,8 +107,9 @@ def generate_to_folder(
     loras = [lora_entry(path, scale) for path, scale in request.loras]
     loaded = []
     try:  # the LoRAs are loaded for this run only: the pipeline is left as it was
-        for lora in loras:
-            loaded.append(pipe.load_lora(lora["path"], lora["scale"], name=lora["name"]))
+        for i, lora in enumerate(loras):  # two files of one name (a/x, b/x) load apart
+            name = lora["name"] if i == 0 else f"{lora['name']}-{i}"
+            loaded.append(pipe.load_lora(lora["path"], lora["scale"], name=name))
         extra = {"loras": loras} if loras else {}
         return _generate(pipe, request, Path(out), extra, grid, batch_size, size, progress)
     finally:

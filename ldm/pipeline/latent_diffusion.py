@@ -39,13 +39,16 @@ from ldm.pipeline.loading import (
 )
 from ldm.pipeline.lora import LoraAdapters
 from ldm.pipeline.result import GenerationResult, as_output_type
+from ldm.pipeline.textual_inversion import TextualInversion
 
 Settings = tuple[int, float, str, float, str]  # (steps, guidance_scale, sampler, eta, sigmas)
 
 
-class LatentDiffusionPipeline(LoraAdapters):
+class LatentDiffusionPipeline(LoraAdapters, TextualInversion):
     """Text-to-image latent diffusion: our U-Net, a frozen VAE and a frozen text encoder, with
-    LoRA adapters (`ldm.pipeline.lora.LoraAdapters`: `load_lora`, `fuse_lora`, ...)."""
+    LoRA adapters (`ldm.pipeline.lora.LoraAdapters`: `load_lora`, `fuse_lora`, ...) and
+    textual-inversion embeddings (`ldm.pipeline.textual_inversion.TextualInversion`:
+    `load_textual_inversion`)."""
 
     def __init__(
         self,

@@ -47,15 +47,18 @@ class LoraAdapters:
         already loaded stay active with their own scales."""
         from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-        from ldm.formats.lora import check_lora_fits, read_lora
+        from ldm.formats.lora import check_lora_fits, names_for, read_lora
 
         path = Path(path)
         name = re.sub(r"[^A-Za-z0-9_-]", "_", name or path.stem)  # peft's names hold no "."
         if name in self.lora_scales:
             raise ValueError(f"a LoRA named {name!r} is loaded already; pass another name=")
         self._check_not_fused(f"load_lora({str(path)!r})")
-        parts = read_lora(path)
         modules = self._lora_modules()
+        parts = {
+            p: names_for(part, modules[p]) if p in modules else part
+            for p, part in read_lora(path).items()
+        }
         if missing := sorted(set(parts) - set(modules)):
             raise ValueError(
                 f"{path} adapts the {missing[0]}, which this pipeline cannot adapt "

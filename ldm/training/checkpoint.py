@@ -354,3 +354,36 @@ def save_run_config(checkpoint: Path, config: dict) -> None:
     """The run's config in a checkpoint, for `start_run`'s comparison on resume."""
     text = json.dumps(_flat(config), indent=2)
     (checkpoint / "run_config.json").write_text(text + "\n")
+
+
+def trained_names(model: nn.Module, trained: list[nn.Parameter]) -> set[str] | None:
+    """The names of ``trained`` in ``model`` when the model also holds frozen weights (a LoRA's
+    base model: then checkpoints save only these), else None (the whole model is saved)."""
+    ids = {id(p) for p in trained}
+    names = {n for n, p in model.named_parameters() if id(p) in ids}
+    return None if len(names) == len(list(model.parameters())) else names
+
+
+def save_only(names: set[str]) -> Callable:
+    """Accelerate's save hook for a partly frozen model: its file keeps only ``names`` (DDP's
+    ``module.`` prefix aside), not the frozen weights they adapt."""
+
+    def hook(models, weights: list[dict[str, Tensor]], output_dir) -> None:
+        state = weights[0]
+        for key in [k for k in state if k.removeprefix("module.") not in names]:
+            del state[key]
+
+    return hook
+
+
+def check_saved_names(path: Path, names: set[str]) -> None:
+    """A ValueError unless the safetensors file ``path`` holds exactly the weights ``names``."""
+    with safe_open(str(path), "pt") as f:
+        saved = {k.removeprefix("module.") for k in f.keys()}
+    if saved != names:
+        missing, extra = sorted(names - saved), sorted(saved - names)
+        raise ValueError(
+            f"{path} does not hold this run's trained weights (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}): it was written by a run that trained other weights "
+            "(another lora section?); start the run again"
+        )

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ldm.config import SchedulerConfig, TrainConfig, TrainSettings, UNetConfig
+from ldm.config import DEFAULT_MODEL, SchedulerConfig, TrainConfig, TrainSettings, UNetConfig
 from ldm.data import DataReport, ImageCaptionDataset, scan
 from ldm.diffusion.losses import decoder_loss, diffusion_loss, loss_by_timestep_bucket
 from ldm.images import make_grid
@@ -103,23 +103,32 @@ def train(
     checkpoint = prepare_run(out, accelerator, resume, settings, carry=("cache",), **options)
 
     # 1. Models: the U-Net trains; the VAE's decoder and the text encoder only when asked.
+    # With a lora or textual_inversion section, only the adapter trains (`ldm.training.adapters`).
     pipe = _load_models(config)
-    unet = _trainable_unet(pipe, t, accelerator.device)
-    parts = [Part(list(unet.parameters()), t.learning_rate)]
-    parts += [Part(params, lr, module, name) for name, module, params, lr in _unfreeze(pipe, t)]
+    unet, parts, rows = _trained_parts(pipe, config, accelerator.device)
 
     # 2. Data: every sample checked up front; the report lists what was skipped or converted.
     report = _scan(config, out, settings, accelerator.is_main_process)
     data_generator = generator_for(t.seed, "data", accelerator.process_index)
-    dataset = ImageCaptionDataset(config.data, report.samples, generator=data_generator)
+    samples = report.samples
+    if config.textual_inversion is not None:  # every caption names the new token
+        from ldm.training.adapters import templated
+
+        samples = templated(samples, config.textual_inversion, config.data.path)
+    dataset = ImageCaptionDataset(config.data, samples, generator=data_generator)
 
     # 3. Encoder cache: encode once; later epochs read the frozen encoders' outputs from disk.
     encoded = _cache(pipe, dataset, report, config, out, accelerator) if t.cache_latents else None
 
     # 4. Objective: a batch of latents and contexts, and its loss.
+    text_trains = t.train_text_encoder or bool(config.lora and config.lora.text_encoder)
+    text_trains = text_trains or rows is not None
+
     def loss(model, indices: list[int], generator: torch.Generator) -> Step:
-        batch = _batch(pipe, dataset, encoded, t, indices, generator, accelerator.device)
-        return _step(model, pipe, t, batch, generator)
+        batch = _batch(
+            pipe, dataset, encoded, t, indices, generator, accelerator.device, text_trains
+        )
+        return _step(model if model is not None else unet, pipe, t, batch, generator)
 
     trained = [p for part in parts for p in part.parameters]
 
@@ -131,7 +140,7 @@ def train(
         len(dataset),
         parts,
         loss,
-        prepared=unet,
+        prepared=unet if rows is None else None,  # textual inversion: the U-Net is frozen
         validate=validate if config.validation.prompts else None,
         validate_every=config.validation.every,
         data_generator=data_generator,
@@ -140,13 +149,39 @@ def train(
     # 5. The loop: steps, logs, checkpoints, validation (`ldm.training.loop.fit`).
     fit(objective, t, out, accelerator, resume=checkpoint, config=settings)
 
-    # 6. Export the EMA weights (or the raw ones) as a pipeline folder.
+    # 6. Export the EMA weights (or the raw ones): LoRA files, or a pipeline folder.
+    if config.lora is not None:
+        return _export_lora(pipe, config, out, accelerator.is_main_process)
+    if rows is not None:
+        return _export_embedding(pipe, rows, config, out, accelerator.is_main_process)
     final = out / "model"
     if accelerator.is_main_process:
         LatentDiffusionPipeline(
             unet.eval(), pipe.vae, pipe.text_encoder, pipe.scheduler_config, name=out.name
         ).save_pretrained(final)
     return final
+
+
+def _trained_parts(pipe: LatentDiffusionPipeline, config: TrainConfig, device):
+    """(the U-Net in training mode, the trained `Part`s, the `NewTokenRows` of a textual
+    inversion or None): the whole U-Net and the parts ``train`` names, or only the adapters
+    of a ``lora`` or ``textual_inversion`` section (`ldm.training.adapters`)."""
+    t, rows = config.train, None
+    if config.lora is not None:
+        from ldm.training.adapters import add_lora
+
+        parts = add_lora(pipe, config.lora, t.seed)
+    if config.textual_inversion is not None:
+        from ldm.training.adapters import add_placeholder
+
+        part, rows = add_placeholder(pipe, config.textual_inversion)
+        parts = [part]
+    adapters = config.lora is not None or rows is not None
+    unet = _trainable_unet(pipe, t, device, whole=not adapters)
+    if not adapters:
+        parts = [Part(list(unet.parameters()), t.learning_rate)]
+        parts += [Part(params, lr, module, name) for name, module, params, lr in _unfreeze(pipe, t)]
+    return unet, parts, rows
 
 
 def _check(config: TrainConfig) -> None:
@@ -157,9 +192,47 @@ def _check(config: TrainConfig) -> None:
         )
 
 
-def _trainable_unet(pipe: LatentDiffusionPipeline, t: TrainSettings, device) -> UNet:
-    """The U-Net in training mode; the frozen VAE and text encoder moved to ``device``."""
-    unet = pipe.unet.train().requires_grad_(True)
+def _export_lora(pipe: LatentDiffusionPipeline, config: TrainConfig, out: Path, main: bool) -> Path:
+    """``OUTPUT_DIR/lora``: the adapters in diffusers' and kohya's layouts (`export_lora`)."""
+    from ldm.training.adapters import export_lora
+
+    folder = out / "lora"
+    if main:
+        files = export_lora(pipe, config.lora, folder, out.name)
+        logger.info(
+            "LoRA written to %s; try it: ldm generate --model %s --lora %s 'a prompt'",
+            folder,
+            "default" if config.model == str(DEFAULT_MODEL) else config.model,
+            files[0],
+        )
+    return folder
+
+
+def _export_embedding(pipe, rows, config: TrainConfig, out: Path, main: bool) -> Path:
+    """``OUTPUT_DIR/textual_inversion``: the new token's vectors for diffusers and A1111."""
+    from ldm.training.adapters import export_embedding, finish_placeholder
+
+    finish_placeholder(pipe, rows)
+    folder = out / "textual_inversion"
+    if main:
+        settings = config.textual_inversion
+        files = export_embedding(pipe, settings, folder, config.train.max_steps)
+        logger.info(
+            "embedding written to %s; use it: pipe.load_textual_inversion(%r), then prompts "
+            "with %s",
+            folder,
+            str(files[0]),
+            settings.placeholder_token,
+        )
+    return folder
+
+
+def _trainable_unet(pipe: LatentDiffusionPipeline, t: TrainSettings, device, whole: bool) -> UNet:
+    """The U-Net in training mode, all of it trained when ``whole`` (else its adapters only);
+    the frozen VAE and text encoder moved to ``device``."""
+    unet = pipe.unet.train()
+    if whole:
+        unet.requires_grad_(True)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     pipe.vae.to(device)
@@ -194,17 +267,19 @@ def _batch(
     indices: list[int],
     generator: torch.Generator,
     device,
+    text_trains: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A batch as (x0 (B, C, h, w), context (B, L, D), pixels (B, 3, H, W) or None): captions
     dropped at ``caption_dropout``, x0 a posterior sample of the VAE, from ``encoded`` if given.
-    Pixels are loaded when the VAE decoder trains (or when nothing is cached)."""
+    Pixels are loaded when the VAE decoder trains (or when nothing is cached). With
+    ``text_trains`` the text encoder runs with gradients."""
     drop = torch.rand(len(indices), generator=generator) < t.caption_dropout  # (B,)
     if encoded is None:
         items = [dataset[i] for i in indices]
         pixels = torch.stack([item["pixels"] for item in items]).to(device)
         captions = ["" if d else it["caption"] for d, it in zip(drop.tolist(), items, strict=True)]
         x0 = pipe.vae.encode(pixels, generator=generator, sample=True).float()
-        encode_text = pipe.text_encoder.embed if t.train_text_encoder else pipe.text_encoder
+        encode_text = pipe.text_encoder.embed if text_trains else pipe.text_encoder
         return x0, encode_text(captions).float(), pixels
     mean, std = encoded.means[indices], encoded.stds[indices]
     noise = torch.randn(mean.shape, generator=generator)
@@ -272,6 +347,6 @@ def _validate(
         grid.save(path)
         return grid
     finally:
-        unet.train().requires_grad_(True)  # the pipeline froze it for inference
-        for p in parameters:  # and the parts fine-tuned with it
+        unet.train()
+        for p in parameters:  # the pipeline froze them for inference
             p.requires_grad_(True)

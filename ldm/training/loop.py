@@ -35,11 +35,14 @@ from ldm.training.checkpoint import (
     EMA,
     EMA_FILE,
     begin_checkpoint,
+    check_saved_names,
     commit_checkpoint,
     latest_checkpoint,
     resolve_resume,
+    save_only,
     save_run_config,
     start_run,
+    trained_names,
 )
 from ldm.training.objective import Objective, Step, parameter_names
 from ldm.training.state import TrainingState, epoch_batches, lr_factor, progress, truncate_log
@@ -126,12 +129,15 @@ class _Fit:
         # The schedule is stepped once per optimizer update by us, not by Accelerate (which would
         # step it once per process), and saved in every process's TrainingState.
         state.schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t, state))
-        self.state, self.model = state, None
+        self.state, self.model, self.saved_names = state, None, None
         if objective.prepared is not None:
             self.model, self.optimizer = accelerator.prepare(objective.prepared, optimizer)
             self.by_hand = objective.parts[1:]
             unwrapped = accelerator.unwrap_model(self.model)
-            named = [(objective.parts[0].name, unwrapped, list(unwrapped.parameters()))]
+            named = [(objective.parts[0].name, unwrapped, objective.parts[0].parameters)]
+            self.saved_names = trained_names(unwrapped, objective.parts[0].parameters)
+            if self.saved_names is not None:  # a frozen model with adapters: save only them
+                accelerator.register_save_state_pre_hook(save_only(self.saved_names))
         else:
             self.optimizer = accelerator.prepare(optimizer)
             self.by_hand, named = objective.parts, []
@@ -170,7 +176,9 @@ class _Fit:
                 f"{checkpoint} lacks {missing}: it was written by an older ldm, or without "
                 "ema_decay; start the run again"
             )
-        accelerator.load_state(str(checkpoint))
+        if self.saved_names is not None:  # it holds the trained weights only: check them
+            check_saved_names(checkpoint / "model.safetensors", self.saved_names)
+        accelerator.load_state(str(checkpoint), strict=self.saved_names is None)
         state.load_state_dict(saved)
         if self.ema is not None:
             self.ema.load(checkpoint / EMA_FILE, self.names)
