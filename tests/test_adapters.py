@@ -3,7 +3,12 @@ adapters train and are checkpointed, the exported files load in diffusers as in 
 run resumed from a checkpoint ends with the same adapters."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -135,6 +140,34 @@ def test_a_resumed_lora_run_ends_with_the_same_adapters(tiny_sd_dir, data, train
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").open()]
     assert [r["step"] for r in log] == [5, 6]
+
+
+@pytest.mark.slow
+def test_a_lora_run_killed_with_sigkill_and_resumed_ends_with_the_same_adapters(
+    tiny_sd_dir, data, tmp_path
+):
+    steps = {"max_steps": 24, "checkpoint_every": 4, "lr_scheduler": "cosine", "warmup_steps": 3}
+    lora = {"text_encoder": True}
+    train(lora_config(tiny_sd_dir, data, tmp_path / "straight", lora, **steps))
+    killed = lora_config(tiny_sd_dir, data, tmp_path / "killed", lora, **steps)
+    (tmp_path / "run.yaml").write_text(json.dumps(killed.to_dict()))  # JSON is YAML
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ldm.cli", "train", str(tmp_path / "run.yaml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "checkpoints" / "checkpoint-8").exists():
+        assert process.poll() is None and time.time() < deadline, "it ended before the kill"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "lora").exists()
+    train(killed, resume="latest")
+    a = load_file(tmp_path / "straight" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "killed" / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 def test_the_adapters_start_from_the_run_seed(tiny_sd_dir):

@@ -16,7 +16,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Train the U-Net of a latent diffusion model from a YAML config (see "
         "configs/finetune.yaml). Checkpoints go to OUTPUT_DIR/checkpoints, logs to "
         "OUTPUT_DIR/log.jsonl, the data report to OUTPUT_DIR/data_report.json, and the final "
-        "pipeline to OUTPUT_DIR/model. Runs under `accelerate launch` for several processes.",
+        "pipeline to OUTPUT_DIR/model; with a lora section the adapters to OUTPUT_DIR/lora "
+        "(configs/lora.yaml), with textual_inversion the new token's vectors to "
+        "OUTPUT_DIR/textual_inversion. Runs under `accelerate launch` for several processes.",
     )
     _add_run_arguments(train, "a YAML training config", "train.max_steps=200")
     train.set_defaults(func=train_command)

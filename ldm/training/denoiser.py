@@ -6,7 +6,8 @@
 once into a cache), and hands `ldm.training.loop.fit` the U-Net's objective: caption dropout, a
 posterior sample of the VAE, the ε or v loss of `ldm.diffusion.losses`, and, when asked, the VAE decoder's
 reconstruction loss and the text encoder's fine-tuning. Then it exports the EMA weights as a
-pipeline folder.
+pipeline folder. With a ``lora`` or ``textual_inversion`` section only the adapters of
+`ldm.training.adapters` train, and they are exported as the files people share.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def train(
     allow_config_change: bool = False,
 ) -> Path:
     """Run a training job of the U-Net (and the parts ``train.train_vae_decoder`` and
-    ``train.train_text_encoder`` name); returns the folder of the exported pipeline. An
+    ``train.train_text_encoder`` name), of LoRA adapters (``lora``) or of a new token's vectors
+    (``textual_inversion``); returns the folder of what it exported: the pipeline
+    (``OUTPUT_DIR/model``), or ``OUTPUT_DIR/lora`` or ``OUTPUT_DIR/textual_inversion``. An
     ``output_dir`` that holds a run is refused unless ``resume`` or ``overwrite`` is given
     (`ldm.training.checkpoint.start_run`); SIGINT/SIGTERM save, then raise `TrainingInterrupted`."""
     t = config.train
