@@ -181,7 +181,7 @@ class TrainConfig:
             return
         problems = [
             (self.lora is not None and self.textual_inversion is not None, "use one of them"),
-            (self.model is None, "it needs a model: (a pipeline folder or default) to adapt"),
+            (self.model is None, "set model: to the pipeline folder to adapt (or default)"),
             (t.train_vae_decoder, "it trains no VAE decoder; set train.train_vae_decoder: false"),
             (
                 t.train_text_encoder,

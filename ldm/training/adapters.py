@@ -107,25 +107,18 @@ def _inject(module: nn.Module, lora: LoraSettings, targets: list[str], part: str
 
     module.requires_grad_(False)
     key = "targets" if part == "unet" else "text_encoder_targets"
-    linears = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if _is_linear(m)})
-    if missing := [t for t in targets if not any(_matches(n, t) for n, _ in _linears(module))]:
+    linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if missing := [t for t in targets if not any(_matches(n, t) for n in linears)]:
+        endings = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ValueError(
             f"lora.{key}: {', '.join(missing)} name no Linear layer of the {part}; "
-            f"its Linear layers end in: {', '.join(linears)}"
+            f"its Linear layers end in: {', '.join(endings)}"
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inject_adapter_in_model(lora_config(lora, targets), module, adapter_name=ADAPTER)
     for n, p in module.named_parameters():  # peft leaves the adapters trainable; only them
         p.requires_grad_(".lora_" in n)
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear)
-
-
-def _linears(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in module.named_modules() if _is_linear(m)]
 
 
 def _matches(name: str, target: str) -> bool:
