@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_lora import ONE_LEVEL, diffusers_pipe, ours, theirs
+from test_lora import ONE_LEVEL, diffusers_pipe, latents, ours, theirs
 from test_training import colour_dataset, config
 
 from ldm.config import TrainConfig
@@ -248,7 +248,7 @@ def test_a_trained_embedding_gives_diffusers_the_images_it_gives_ldm(tiny_sd_dir
     prompt = f"a {TOKEN} image"
     reference = diffusers_pipe(tiny_sd_dir)
     reference.load_textual_inversion(str(folder / "learned_embeds.safetensors"))
-    expected = reference(prompt, latents=_latents(), num_inference_steps=4, output_type="np")
+    expected = reference(prompt, latents=latents(), num_inference_steps=4, output_type="np")
     base = LatentDiffusionPipeline.from_pretrained(tiny_sd_dir)
     for path, token in (
         (folder / "learned_embeds.safetensors", None),
@@ -257,14 +257,10 @@ def test_a_trained_embedding_gives_diffusers_the_images_it_gives_ldm(tiny_sd_dir
         pipe = LatentDiffusionPipeline.from_pretrained(tiny_sd_dir)
         assert pipe.load_textual_inversion(path, token=token) == TOKEN
         kwargs = dict(num_inference_steps=4, sampler="ddim", output_type="np", progress=False)
-        image = pipe(prompt, latents=_latents(), **kwargs).images
+        image = pipe(prompt, latents=latents(), **kwargs).images
         assert np.abs(image - expected.images).max() <= ONE_LEVEL, path
-    without = base("a  image", latents=_latents(), **kwargs).images
+    without = base("a  image", latents=latents(), **kwargs).images
     assert np.abs(without - expected.images).max() > 5 / 255  # the token does something
-
-
-def _latents():
-    return torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
 def test_a_resumed_textual_inversion_ends_with_the_same_vectors(
